@@ -1,0 +1,130 @@
+"""Atomic, self-contained checkpoints (SPEC §7).
+
+Layout of a run directory's `checkpoints/`:
+
+    step-000200/    model.pt  optimizer.pt  rng.pt  state.json  config.yaml  tokenizer.json
+    step-000400/    ...
+    latest -> step-000400
+
+Each step directory is written under a temporary name and renamed when complete, then `latest` is swapped
+atomically; a crash at any point leaves the previous checkpoint as `latest`. Tensors are saved with
+torch.save and read back with `weights_only=True`, so loading never unpickles arbitrary objects.
+A checkpoint carries its resolved config and tokenizer, so `sample` and `inspect` need nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from sparse_lm.fsutil import atomic_directory, fsync_dir, remove_stale_temporaries, write_json, write_text
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def step_dirs(ckpt_root: Path) -> list[Path]:
+    """Complete checkpoint directories, oldest first."""
+    if not Path(ckpt_root).is_dir():
+        return []
+    found = [p for p in Path(ckpt_root).iterdir() if STEP_DIR.match(p.name) and p.is_dir()]
+    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+
+
+def latest(ckpt_root: Path) -> Path | None:
+    """The checkpoint `latest` points to; if that link is missing or dangling, the newest step directory."""
+    link = Path(ckpt_root) / "latest"
+    if link.is_dir():
+        return link.resolve()
+    dirs = step_dirs(ckpt_root)
+    return dirs[-1] if dirs else None
+
+
+def resolve(path: str | Path) -> Path:
+    """Accept a run directory, its `checkpoints/` directory, or one checkpoint directory."""
+    p = Path(path).expanduser()
+    if (p / "model.pt").is_file():
+        return p.resolve()
+    for root in (p / "checkpoints", p):
+        found = latest(root)
+        if found is not None:
+            return found
+    raise FileNotFoundError(f"{path}: no checkpoint here (expected a run directory, its checkpoints/, or a step-N directory)")
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(
+    ckpt_root: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict,
+    config_yaml: str,
+    tokenizer: Path,
+    keep_last: int,
+) -> Path:
+    """Write checkpoint `step-NNNNNN` atomically, point `latest` at it, keep the newest `keep_last`."""
+    ckpt_root = Path(ckpt_root)
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(ckpt_root)
+    final = ckpt_root / f"step-{step:06d}"
+    with atomic_directory(final) as tmp:
+        torch.save(model.state_dict(), tmp / "model.pt")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(rng_state(), tmp / "rng.pt")
+        write_json(tmp / "state.json", {**state, "step": step})
+        write_text(tmp / "config.yaml", config_yaml)
+        shutil.copyfile(tokenizer, tmp / "tokenizer.json")
+    point_latest(ckpt_root, final.name)
+    for old in step_dirs(ckpt_root)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def point_latest(ckpt_root: Path, name: str) -> None:
+    tmp = ckpt_root / f".latest.tmp{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(name)
+    os.replace(tmp, ckpt_root / "latest")
+    fsync_dir(ckpt_root)
+
+
+def load_state(ckpt: Path) -> dict:
+    """The checkpoint's state.json (step, tokens, data hashes)."""
+    return json.loads((Path(ckpt) / "state.json").read_text())
+
+
+def load_weights(ckpt: Path, map_location="cpu") -> dict[str, torch.Tensor]:
+    return torch.load(Path(ckpt) / "model.pt", map_location=map_location, weights_only=True)
+
+
+def load(ckpt: Path, map_location="cpu") -> dict:
+    """Read a checkpoint directory: {'model', 'optimizer', 'rng', 'state'} (optimizer/rng may be absent)."""
+    ckpt = Path(ckpt)
+    out = {
+        "model": load_weights(ckpt, map_location),
+        "state": load_state(ckpt),
+    }
+    for name in ("optimizer", "rng"):
+        if (ckpt / f"{name}.pt").is_file():
+            where = map_location if name == "optimizer" else "cpu"  # RNG states must stay on the CPU
+            out[name] = torch.load(ckpt / f"{name}.pt", map_location=where, weights_only=True)
+    return out

@@ -1,0 +1,29 @@
+"""Shared plumbing for the small Hydra tools (`python -m sparse_lm.sample`, `python -m sparse_lm.inspect`)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from sparse_lm import checkpoint
+from sparse_lm.config import Config, load_yaml
+from sparse_lm.data.tokenizer import load_tokenizer
+from sparse_lm.model import GPT
+
+
+def positional_checkpoint() -> None:
+    """Let `python -m sparse_lm.X <run dir or checkpoint>` stand for `... checkpoint=<path>`."""
+    if len(sys.argv) > 1 and "=" not in sys.argv[1] and not sys.argv[1].startswith("-"):
+        quoted = sys.argv[1].replace("\\", "\\\\").replace("'", "\\'")
+        sys.argv[1] = f"checkpoint='{quoted}'"
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu"):
+    """(model in eval mode, tokenizer, config, checkpoint state) from a run directory or checkpoint."""
+    ckpt = checkpoint.resolve(path)
+    cfg: Config = load_yaml(ckpt / "config.yaml")
+    model = GPT(cfg.model)
+    model.load_state_dict(checkpoint.load_weights(ckpt))
+    return model.to(device).eval(), load_tokenizer(ckpt / "tokenizer.json"), cfg, checkpoint.load_state(ckpt)

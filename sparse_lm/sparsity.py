@@ -1,0 +1,135 @@
+"""Weight sparsity by magnitude projection (SPEC §2), applied to a model from outside.
+
+After every optimizer step each sparse parameter keeps exactly k = floor(density · numel) entries of largest
+|w| over the whole tensor and the rest are set to zero. Neurons are protected: every MLP neuron and every
+attention q/k/v/output channel keeps its j largest entries in each matrix that touches it; those count inside k.
+
+Tie rule (everywhere): among equal |w|, the entry with the lower flat (row-major) index is kept.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from sparse_lm.config import SparsityConfig
+from sparse_lm.schedule import density_at
+
+# Which axis of a weight matrix (nn.Linear layout: [out, in]) indexes the neurons the j-rule protects:
+# 0 = each row is a neuron (c_fc, c_attn: q/k/v channels), 1 = each column (the c_proj that read them).
+NEURON_AXIS = {"attn.c_attn.weight": 0, "attn.c_proj.weight": 1, "mlp.c_fc.weight": 0, "mlp.c_proj.weight": 1}
+EMBEDDINGS = {"wte.weight", "wpe.weight", "lm_head.weight"}
+
+
+@dataclass
+class SparseParam:
+    name: str
+    param: nn.Parameter
+    kind: str  # "hidden" | "embed" | "bias"
+    neuron_axis: int | None  # axis whose slices keep >= j nonzeros; None = no minimum
+
+
+def sparse_params(model: nn.Module, cfg: SparsityConfig) -> list[SparseParam]:
+    """Every weight matrix, the embeddings and unembedding, and (if sparsify_biases) the biases.
+
+    Never: norm gains, attention sink logits, the bigram table.
+    """
+    out = []
+    for name, p in model.named_parameters():
+        axis = next((a for suffix, a in NEURON_AXIS.items() if name.endswith(suffix)), None)
+        if axis is not None:
+            out.append(SparseParam(name, p, "hidden", axis))
+        elif name in EMBEDDINGS:
+            out.append(SparseParam(name, p, "embed", None))
+        elif name.endswith(".bias") and cfg.sparsify_biases:
+            out.append(SparseParam(name, p, "bias", None))
+    return out
+
+
+def topk_mask(scores: torch.Tensor, k: int, dim: int | None = None) -> torch.Tensor:
+    """Boolean mask of exactly k largest scores (over the whole tensor, or per slice along `dim`).
+
+    Ties at the threshold go to the lowest index. No host synchronisation: the count of tied entries to
+    take is a tensor.
+    """
+    if dim is None:
+        return topk_mask(scores.reshape(-1), k, 0).view_as(scores)
+    n = scores.shape[dim]
+    if k >= n:
+        return torch.ones_like(scores, dtype=torch.bool)
+    if k <= 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    threshold = scores.topk(k, dim=dim, sorted=False).values.amin(dim=dim, keepdim=True)
+    above = scores > threshold
+    tied = scores == threshold
+    need = k - above.sum(dim=dim, keepdim=True)
+    return above | (tied & (tied.cumsum(dim=dim) <= need))
+
+
+def projection_mask(w: torch.Tensor, k: int, j: int = 0, neuron_axis: int | None = None) -> torch.Tensor:
+    """The entries a projection to k nonzeros keeps, with the j largest of every neuron protected."""
+    score = w.detach().abs().float()
+    if j > 0 and neuron_axis is not None:
+        protected = topk_mask(score, j, dim=1 - neuron_axis)  # within each row (axis 0) or column (axis 1)
+        score = score.masked_fill(protected, float("inf"))
+    return topk_mask(score, k)
+
+
+class Sparsifier:
+    """Holds a model's sparse parameters and projects them to the density the schedule asks for."""
+
+    def __init__(self, model: nn.Module, cfg: SparsityConfig, total_steps: int):
+        self.cfg, self.total_steps = cfg, total_steps
+        self.params = sparse_params(model, cfg) if cfg.enabled else []
+        self._check()
+
+    def targets(self) -> dict[str, float]:
+        c = self.cfg
+        return {"hidden": c.hidden_density, "embed": c.embed_density, "bias": c.bias_density}
+
+    def density(self, kind: str, step: int) -> float:
+        """Density of parameters of `kind` after `step` optimizer steps."""
+        c = self.cfg
+        if not c.enabled:
+            return 1.0
+        t = step / self.total_steps
+        return density_at(t, self.targets()[kind], c.anneal_start, c.anneal_end, c.anneal)
+
+    def k(self, sp: SparseParam, step: int) -> int:
+        return math.floor(self.density(sp.kind, step) * sp.param.numel())
+
+    def j(self, sp: SparseParam) -> int:
+        return self.cfg.min_per_neuron if sp.neuron_axis is not None else 0
+
+    @torch.no_grad()
+    def apply(self, step: int) -> None:
+        """Project every sparse parameter to its k at `step` (k = numel means dense: skipped)."""
+        for sp in self.params:
+            k = self.k(sp, step)
+            if k < sp.param.numel():
+                sp.param.mul_(projection_mask(sp.param, k, self.j(sp), sp.neuron_axis))
+
+    def _check(self) -> None:
+        c = self.cfg
+        for field in ("hidden_density", "embed_density", "bias_density"):
+            value = getattr(c, field)
+            if not 0 < value <= 1:
+                raise ValueError(f"sparsity.{field}={value} must be in (0, 1]")
+        if not 0 <= c.anneal_start <= c.anneal_end <= 1:
+            raise ValueError(f"sparsity.anneal_start={c.anneal_start} and anneal_end={c.anneal_end} must satisfy 0 ≤ start ≤ end ≤ 1")
+        # The j-rule must fit inside the final k of every matrix: fail now, not at the end of the anneal.
+        for sp in self.params:
+            if sp.neuron_axis is None:
+                continue
+            neurons, fan = sp.param.shape[sp.neuron_axis], sp.param.shape[1 - sp.neuron_axis]
+            need = neurons * min(c.min_per_neuron, fan)
+            k = math.floor(self.targets()[sp.kind] * sp.param.numel())
+            if need > k:
+                raise ValueError(
+                    f"sparsity.min_per_neuron={c.min_per_neuron} needs {need} nonzeros in {sp.name} "
+                    f"{tuple(sp.param.shape)} but sparsity.{sp.kind}_density={self.targets()[sp.kind]:.6g} keeps only {k}; "
+                    f"raise the density to ≥ {need / sp.param.numel():.6g} or lower min_per_neuron"
+                )

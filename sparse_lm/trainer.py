@@ -1,0 +1,306 @@
+"""The training loop: data → model → sparse AdamW steps → logs, evaluations and checkpoints.
+
+One optimizer step (SPEC §2), for step n → n + 1 at progress t = (n + 1) / max_steps:
+  1. forward/backward over the micro-batches (DDP averages gradients across processes),
+  2. divide all gradients by their global RMS (or clip),
+  3. Adam with the sharkfin learning rate, dense moments,
+  4. project every sparse parameter to its scheduled k,
+  5. decoupled weight decay on the (now sparse) weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from sparse_lm import checkpoint, distributed
+from sparse_lm.config import Config, Precision, to_yaml
+from sparse_lm.data.cache import TokenData, prepare
+from sparse_lm.data.loader import ChunkSampler, train_batch, val_batches
+from sparse_lm.metrics import RunLogger, format_duration
+from sparse_lm.model import GPT
+from sparse_lm.optim import build_optimizer, decay_params, decay_weights, normalize_gradients
+from sparse_lm.schedule import lr_multiplier
+from sparse_lm.sparsity import Sparsifier
+
+log = logging.getLogger("sparse_lm")
+
+# bf16 dense peak of the GPUs we report MFU for (FLOP/s).
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+class StopTraining(Exception):
+    pass
+
+
+@dataclass
+class Run:
+    """Everything one training run holds."""
+
+    cfg: Config
+    run_dir: Path
+    dist: distributed.Dist
+    data: TokenData
+    model: GPT  # the plain module (state dicts, sparsity)
+    train_model: torch.nn.Module  # the same, possibly compiled and DDP-wrapped
+    optimizer: torch.optim.Optimizer
+    sparsifier: Sparsifier
+    sampler: ChunkSampler
+    accum: int
+    step: int = 0
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.train.batch_size * self.cfg.model.ctx_len
+
+    def autocast(self):
+        if self.precision_dtype() is None:
+            return nullcontext()
+        return torch.autocast(self.dist.device.type, dtype=self.precision_dtype())
+
+    def precision_dtype(self):
+        p = self.cfg.train.precision
+        if p == Precision.bf16 or (p == Precision.auto and self.dist.device.type == "cuda"):
+            return torch.bfloat16
+        return None
+
+
+def check_config(cfg: Config, dist: distributed.Dist) -> int:
+    """Validate what the schema cannot; return the gradient-accumulation factor."""
+    t = cfg.train
+    per_step = t.micro_batch_size * dist.world
+    if t.batch_size % per_step:
+        raise ValueError(
+            f"train.batch_size={t.batch_size} must be a multiple of train.micro_batch_size={t.micro_batch_size} "
+            f"× {dist.world} process(es)"
+        )
+    for key in ("max_steps", "log_interval", "eval_interval", "ckpt_interval", "keep_last", "micro_batch_size"):
+        if getattr(t, key) < 1:
+            raise ValueError(f"train.{key}={getattr(t, key)} must be ≥ 1")
+    if not 0 <= cfg.optim.warmup < 1:
+        raise ValueError(f"optim.warmup={cfg.optim.warmup} must be in [0, 1)")
+    return t.batch_size // per_step
+
+
+def find_resume(cfg: Config, run_dir: Path) -> Path | None:
+    """The checkpoint to start from, decided before any work is done."""
+    resume, ckpts = cfg.train.resume, run_dir / "checkpoints"
+    if resume is None:
+        existing = checkpoint.latest(ckpts)
+        if existing is not None:
+            raise FileExistsError(
+                f"{run_dir} already holds checkpoints (latest: {existing.name}). Continue it with train.resume=auto, "
+                f"or start elsewhere with hydra.run.dir=... or name=..."
+            )
+        return None
+    if resume == "auto":
+        return checkpoint.latest(ckpts)
+    return checkpoint.resolve(resume)
+
+
+def setup(cfg: Config, run_dir: Path) -> Run:
+    dist = distributed.init(cfg.train.device)
+    if not dist.is_main:
+        logging.getLogger().setLevel(logging.WARNING)
+    accum = check_config(cfg, dist)
+    resume_from = find_resume(cfg, run_dir)
+
+    # The main process builds the token cache; the others wait, then read it.
+    if dist.is_main:
+        data = prepare(cfg.data)
+    distributed.barrier(dist)
+    if not dist.is_main:
+        data = prepare(cfg.data)
+    if data.meta["vocab_size"] > cfg.model.vocab_size:
+        raise ValueError(f"the tokenizer has {data.meta['vocab_size']} tokens but model.vocab_size={cfg.model.vocab_size}")
+
+    torch.manual_seed(cfg.train.seed)
+    model = GPT(cfg.model).to(dist.device)
+    sparsifier = Sparsifier(model, cfg.sparsity, cfg.train.max_steps)
+    optimizer = build_optimizer(model, cfg.optim, fused=dist.device.type == "cuda")
+    run = Run(cfg, run_dir, dist, data, model, model, optimizer, sparsifier, ChunkSampler(data.train, cfg.model.ctx_len, cfg.train.seed), accum)
+    if resume_from is not None:
+        restore(run, resume_from)
+    if cfg.train.compile:
+        run.train_model = torch.compile(run.train_model)
+    if dist.enabled:
+        run.train_model = DDP(run.train_model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+    return run
+
+
+def restore(run: Run, ckpt: Path) -> None:
+    state = checkpoint.load(ckpt, map_location=run.dist.device)
+    if state["state"].get("tokenizer_hash") != run.data.meta["tokenizer_hash"]:
+        raise ValueError(
+            f"{ckpt} was trained with tokenizer {str(state['state'].get('tokenizer_hash'))[:12]}, but the data of this "
+            f"config ({run.data.dir}) uses {run.data.meta['tokenizer_hash'][:12]}; resume with the same data settings"
+        )
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    checkpoint.set_rng_state(state["rng"])
+    run.step = state["state"]["step"]
+    log.info(f"resumed from {ckpt} at step {run.step}")
+
+
+def train_step(run: Run) -> tuple[torch.Tensor, dict]:
+    """Take optimizer step run.step → run.step + 1. Returns the mean loss and step statistics."""
+    cfg, dist = run.cfg, run.dist
+    n = run.step + 1
+    total = torch.zeros((), device=dist.device)
+    for micro in range(run.accum):
+        x, y = train_batch(run.sampler, run.step, micro, dist.rank, dist.world, cfg.train.micro_batch_size, run.accum)
+        x, y = x.to(dist.device, non_blocking=True), y.to(dist.device, non_blocking=True)
+        last = micro == run.accum - 1
+        with (run.train_model.no_sync() if dist.enabled and not last else nullcontext()), run.autocast():
+            _, loss = run.train_model(x, y)
+        (loss / run.accum).backward()
+        total += loss.detach()
+
+    params = list(run.model.parameters())
+    norm, rms = normalize_gradients(params, cfg.optim.grad_norm, cfg.optim.grad_eps)
+    density = run.sparsifier.density("hidden", n)
+    final = run.sparsifier.density("hidden", cfg.train.max_steps)
+    lr = cfg.optim.lr * lr_multiplier(n / cfg.train.max_steps, cfg.optim.warmup, density, final)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.sparsifier.apply(n)
+    decay_weights(decay_params(run.model), cfg.optim.weight_decay, lr)
+    run.step = n
+    return total / run.accum, {"lr": lr, "density": density, "grad_norm": norm, "grad_rms": rms}
+
+
+@torch.no_grad()
+def evaluate(run: Run) -> dict:
+    cfg, dist = run.cfg, run.dist
+    run.model.eval()
+    sums = torch.zeros(2, device=dist.device)
+    for x, y in val_batches(run.data.val, cfg.model.ctx_len, cfg.train.eval_batches, cfg.train.micro_batch_size, dist.rank, dist.world):
+        with run.autocast():
+            _, loss = run.model(x.to(dist.device), y.to(dist.device))
+        sums += torch.stack([loss.float() * y.numel(), torch.tensor(float(y.numel()), device=dist.device)])
+    run.model.train()
+    distributed.all_reduce_sum(sums, dist)
+    if sums[1] == 0:
+        return {}
+    val_loss = (sums[0] / sums[1]).item()
+    return {"val_loss": val_loss, "val_bpb": val_loss / math.log(2) / run.data.val_bytes_per_token}
+
+
+def flops_per_token(run: Run) -> tuple[float, float]:
+    """(dense-equivalent, effective) training FLOPs per token.
+
+    Dense counts 6 FLOPs per matmul weight; effective counts what the exact sparse method must do: forward and
+    dX over the nonzeros only (2 + 2 per nonzero), dW dense (2 per weight). Attention scores add 12·L·T·d.
+    """
+    attn = 12 * run.cfg.model.n_layer * run.cfg.model.ctx_len * run.cfg.model.d_model
+    dense, nnz = 0, 0
+    for name, p in run.model.named_parameters():
+        if p.dim() >= 2 and name not in ("bigram", "wte.weight", "wpe.weight"):
+            dense += p.numel()
+            nnz += int((p != 0).sum())
+    return 6 * dense + attn, 2 * dense + 4 * nnz + attn
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def save(run: Run) -> Path | None:
+    path = None
+    if run.dist.is_main:
+        state = {
+            "tokens": run.step * run.tokens_per_step,
+            "tokenizer_hash": run.data.meta["tokenizer_hash"],
+            "corpus_hash": run.data.meta["corpus_hash"],
+            "data_dir": str(run.data.dir),
+            "saved": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        path = checkpoint.save(
+            run.run_dir / "checkpoints", run.step, run.model, run.optimizer, state, to_yaml(run.cfg), run.data.tokenizer_path, run.cfg.train.keep_last
+        )
+        log.info(f"saved checkpoint {path}")
+    distributed.barrier(run.dist)
+    return path
+
+
+def train(cfg: Config, run_dir: Path) -> dict:
+    """Train until train.max_steps (or an exit condition); return the last logged metrics."""
+    run_dir = Path(run_dir)
+    run = setup(cfg, run_dir)
+    t = cfg.train
+    logger = RunLogger(run_dir, run.step, t.max_steps, run.dist.is_main)
+    stop = {"signal": None}
+    previous = {s: signal.signal(s, lambda sig, _f: stop.update(signal=sig)) for s in (signal.SIGTERM, signal.SIGINT)}
+    peak = peak_flops(run.dist.device)
+    last: dict = {}
+    try:
+        if run.dist.is_main:
+            n_params = sum(p.numel() for p in run.model.parameters())
+            log.info(
+                f"run dir {run_dir} | {n_params / 1e6:.2f}M parameters | {run.dist.world} process(es) on {run.dist.device} | "
+                f"{run.accum} micro-batch(es) of {t.micro_batch_size} × {cfg.model.ctx_len} tokens per process per step"
+            )
+        t_log, steps_since, t_begin, start_step = time.time(), 0, time.time(), run.step
+        while run.step < t.max_steps:
+            loss, stats = train_step(run)
+            steps_since += 1
+            n = run.step
+            if n % t.log_interval == 0 or n == t.max_steps:
+                loss_value = distributed.all_reduce_sum(loss.detach().clone(), run.dist).item() / run.dist.world
+                if not math.isfinite(loss_value):
+                    raise FloatingPointError(f"loss is {loss_value} at step {n}; stopping before any checkpoint is written")
+                elapsed = time.time() - t_log
+                tps = steps_since * run.tokens_per_step / elapsed
+                row = {"step": n, "loss": loss_value, "lr": stats["lr"], "density": stats["density"], "tokens_per_sec": tps,
+                       "grad_norm": stats["grad_norm"].item(), "tokens": n * run.tokens_per_step}
+                scalars = {"train/loss": loss_value, "lr": stats["lr"], "grad_norm": row["grad_norm"], "tokens_per_sec": tps}
+                if run.dist.is_main:
+                    for sp in run.sparsifier.params:
+                        scalars[f"density/{sp.name}"] = (sp.param != 0).sum().item() / sp.param.numel()
+                if peak:
+                    dense, effective = flops_per_token(run)
+                    scalars.update({"mfu/dense_equivalent": tps * dense / peak, "mfu/effective": tps * effective / peak})
+                logger.write(row, scalars)
+                logger.progress(n, loss_value, tps, stats["density"], stats["lr"], n - start_step, time.time() - t_begin)
+                last.update(row)
+                t_log, steps_since = time.time(), 0
+            if n % t.eval_interval == 0 or n == t.max_steps:
+                metrics = evaluate(run)
+                if metrics:
+                    logger.write({"step": n, **metrics}, {"val/loss": metrics["val_loss"], "val/bpb": metrics["val_bpb"]})
+                    if run.dist.is_main:
+                        log.info(f"step {n} | val loss {metrics['val_loss']:.4f} | val bpb {metrics['val_bpb']:.4f}")
+                    last.update(metrics)
+                t_log = time.time()  # evaluation time does not count against tokens/s
+            stop_now = distributed.any_rank(stop["signal"] is not None, run.dist)
+            exiting = stop_now or (t.exit_interval is not None and n % t.exit_interval == 0)
+            if n % t.ckpt_interval == 0 or n == t.max_steps or exiting:
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"loss is not finite at step {n}; stopping before any checkpoint is written")
+                save(run)
+                t_log = time.time()
+            if exiting and n < t.max_steps:
+                why = "a stop signal" if stop_now else f"train.exit_interval={t.exit_interval}"
+                log.info(f"stopping at step {n} because of {why}; continue with train.resume=auto")
+                break
+        if run.dist.is_main and run.step >= t.max_steps:
+            log.info(f"done: {run.step} steps in {format_duration(time.time() - t_begin)}")
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        logger.close()
+        distributed.shutdown(run.dist)
+    return last

@@ -1,0 +1,123 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sparse_lm.config import TOPK_SITES, Activation, ModelConfig, Norm, PosEmb
+from sparse_lm.hooks import mean_ablate, patch, record
+from sparse_lm.model import GPT, abstopk, attention_with_sink
+
+CFG = dict(vocab_size=97, ctx_len=24, n_layer=3, d_model=64, d_mlp=128)
+
+
+def model(**kw) -> GPT:
+    torch.manual_seed(0)
+    return GPT(ModelConfig(**{**CFG, **kw}))
+
+
+def tokens(B=3, T=24, seed=1):
+    return torch.randint(0, CFG["vocab_size"], (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def test_abstopk_keeps_exactly_k_largest_and_routes_gradient_through_them_only():
+    x = torch.randn(5, 7, 40, requires_grad=True)
+    y = abstopk(x, 10)
+    kept = y != 0
+    assert (kept.sum(-1) == 10).all()
+    assert torch.equal(y[kept], x[kept])
+    smallest_kept = x.abs().masked_fill(~kept, float("inf")).amin(-1)
+    largest_dropped = x.abs().masked_fill(kept, -1).amax(-1)
+    assert (smallest_kept > largest_dropped).all()
+    upstream = torch.randn_like(y)
+    (y * upstream).sum().backward()
+    assert torch.equal(x.grad, upstream * kept)
+
+
+def test_site_names_are_stable():
+    m = model()
+    per_layer = ["resid_pre", "attn.in", "attn.q", "attn.k", "attn.v", "attn.out", "resid_mid", "mlp.in", "mlp.neuron", "mlp.out", "resid_post"]
+    assert sorted(m.sites) == sorted(f"{i}.{s}" for i in range(3) for s in per_layer)
+    assert m.site("2.mlp.neuron") is m.blocks[2].mlp.sites["neuron"]
+    with pytest.raises(KeyError, match="no activation site"):
+        m.site("3.attn.q")
+
+
+def test_abstopk_sites_keep_floor_afrac_dim_per_token_and_the_residual_is_dense():
+    m = model(afrac=0.3)
+    names = [f"1.{s}" for s in ("attn.in", "attn.q", "attn.k", "attn.v", "attn.out", "mlp.in", "mlp.neuron", "mlp.out", "resid_mid")]
+    with record(m, names) as acts:
+        m(tokens())
+    for name in names[:-1]:
+        dim = acts[name].shape[-1]
+        assert ((acts[name] != 0).sum(-1) == math.floor(0.3 * dim)).all(), name
+    assert (acts["1.resid_mid"] != 0).all()
+
+
+def test_each_topk_site_can_be_switched_off():
+    m = model(topk_sites=["attn_q", "mlp_neuron"])
+    with record(m, ["0.attn.q", "0.attn.k", "0.mlp.neuron"]) as acts:
+        m(tokens())
+    assert ((acts["0.attn.q"] != 0).sum(-1) == 16).all() and ((acts["0.mlp.neuron"] != 0).sum(-1) == 32).all()
+    assert (acts["0.attn.k"] != 0).float().mean() > 0.99
+    with pytest.raises(ValueError, match="model.topk_sites: unknown"):
+        model(topk_sites=["attn_x"])
+
+
+@pytest.mark.parametrize("opts", [{}, {"attn_sink": False}, {"norm": Norm.layer, "activation": Activation.relu, "pos_emb": PosEmb.learned, "bigram": False}])
+def test_causal_shapes_and_loss(opts):
+    m = model(**opts)
+    idx = tokens()
+    logits, loss = m(idx, idx)
+    assert logits.shape == (3, 24, 97) and loss.ndim == 0 and math.isfinite(loss.item())
+    changed = idx.clone()
+    changed[:, 15] = (changed[:, 15] + 1) % 97
+    logits2, _ = m(changed)
+    assert torch.allclose(logits[:, :15], logits2[:, :15], atol=1e-5)  # the past never sees the future
+    assert not torch.allclose(logits[:, 15:], logits2[:, 15:])
+
+
+def test_attention_sink_adds_exp_sink_to_the_softmax_denominator():
+    B, H, T, D = 2, 4, 6, 16
+    q, k, v = (torch.randn(B, H, T, D) for _ in range(3))
+    sink = torch.randn(H, requires_grad=True)
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(D)
+    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    weights = scores.exp() / (scores.exp().sum(-1, keepdim=True) + sink.exp().view(1, H, 1, 1))
+    out = attention_with_sink(q, k, v, sink)
+    assert torch.allclose(out, weights @ v, atol=1e-5)
+    out.sum().backward()
+    assert sink.grad is not None and sink.grad.abs().sum() > 0
+
+
+def test_init_follows_spec():
+    m = GPT(ModelConfig(vocab_size=512, ctx_len=16, n_layer=4, d_model=256, d_mlp=1024))
+    assert m.blocks[0].mlp.c_fc.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert m.blocks[0].attn.c_proj.weight.std().item() == pytest.approx(0.02 / math.sqrt(8), rel=0.05)
+    assert m.blocks[3].mlp.c_proj.weight.std().item() == pytest.approx(0.02 / math.sqrt(8), rel=0.05)
+    assert m.wte.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert (m.blocks[1].attn.c_attn.bias == 0).all() and (m.blocks[1].norm1.weight == 1).all()
+    assert 0 <= m.bigram.min() and m.bigram.max() < 0.02 and m.bigram.mean().item() == pytest.approx(0.01, rel=0.05)
+    assert m.blocks[0].attn.n_head == 16 and m.blocks[0].attn.c_attn.weight.shape == (768, 256)
+
+
+def test_hooks_read_replace_and_mean_ablate_per_channel():
+    m = model()
+    idx = tokens()
+    with record(m, ["1.mlp.neuron"]) as acts:
+        base, _ = m(idx)
+    clean = acts["1.mlp.neuron"]
+    means = torch.randn(128)
+    mask = torch.zeros(128, dtype=torch.bool)
+    mask[[3, 50, 127]] = True
+    with mean_ablate(m, {"1.mlp.neuron": (mask, means)}), record(m, ["1.mlp.neuron"]) as acts:
+        ablated, _ = m(idx)
+    got = acts["1.mlp.neuron"]
+    assert torch.equal(got[..., mask], means[mask].expand(3, 24, 3))
+    assert torch.equal(got[..., ~mask], clean[..., ~mask])
+    assert not torch.allclose(ablated, base)
+    with patch(m, {"0.resid_post": torch.zeros_like}):
+        zeroed, _ = m(idx)
+    assert not torch.allclose(zeroed, base)
+    again, _ = m(idx)  # hooks are gone after the block
+    assert torch.equal(again, base)
