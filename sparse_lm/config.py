@@ -79,9 +79,12 @@ class DataConfig:
     source: Source = Source.stdlib
     path: Optional[str] = None  # source=dir: the directory to read
     include: str = "*.py"  # fnmatch pattern on relative paths (* also matches /)
-    # Glob patterns (relative paths) to leave out. The default drops the stdlib's test suites.
+    # fnmatch patterns (relative paths) to leave out. The default keeps the stdlib's own code: no test suites, no
+    # installed packages, no pydoc_data (750 KB of English prose in a string) or encodings (generated codec tables).
     exclude: list[str] = field(
-        default_factory=lambda: ["test/*", "*/test/*", "*/tests/*", "*/idle_test/*", "site-packages/*", "dist-packages/*"]
+        default_factory=lambda: [
+            "test/*", "*/test/*", "*/tests/*", "*/idle_test/*", "site-packages/*", "dist-packages/*", "pydoc_data/*", "encodings/*"
+        ]
     )
     hf_name: Optional[str] = None  # source=hf: dataset name or builder ("json", "parquet", ...)
     hf_config: Optional[str] = None

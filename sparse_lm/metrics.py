@@ -24,6 +24,29 @@ def format_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+class Throughput:
+    """Tokens/s over the steps since the last restart, and an ETA from this process's average step time."""
+
+    def __init__(self, start_step: int):
+        self.start_step, self.t_begin = start_step, time.time()
+        self.restart()
+
+    def restart(self) -> None:
+        self.t, self.steps = time.time(), 0
+
+    def step(self) -> None:
+        self.steps += 1
+
+    def tokens_per_sec(self, tokens_per_step: int) -> float:
+        return self.steps * tokens_per_step / max(time.time() - self.t, 1e-9)
+
+    def elapsed(self) -> float:
+        return time.time() - self.t_begin
+
+    def eta(self, step: int, max_steps: int) -> float:
+        return self.elapsed() / max(1, step - self.start_step) * (max_steps - step)
+
+
 class RunLogger:
     def __init__(self, run_dir: Path, start_step: int, max_steps: int, enabled: bool):
         self.enabled, self.max_steps = enabled, max_steps
@@ -56,14 +79,15 @@ class RunLogger:
             if value is not None and math.isfinite(value):
                 self.tb.add_scalar(key, value, row["step"])
 
-    def progress(self, step: int, loss: float, tokens_per_sec: float, density: float, lr: float, steps_done: int, elapsed: float) -> None:
-        if not self.enabled:
-            return
-        eta = elapsed / max(1, steps_done) * (self.max_steps - step)
-        log.info(
-            f"step {step}/{self.max_steps} | loss {loss:.4f} | lr {lr:.2e} | density {density:.4f} | "
-            f"{tokens_per_sec:,.0f} tok/s | ETA {format_duration(eta)}"
+    def progress(self, row: dict, eta: float) -> None:
+        self.info(
+            f"step {row['step']}/{self.max_steps} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | density {row['density']:.4f} | "
+            f"{row['tokens_per_sec']:,.0f} tok/s | ETA {format_duration(eta)}"
         )
+
+    def info(self, message: str) -> None:
+        if self.enabled:
+            log.info(message)
 
     def close(self) -> None:
         if self.tb is not None:

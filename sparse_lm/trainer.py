@@ -14,7 +14,7 @@ import logging
 import math
 import signal
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +25,7 @@ from sparse_lm import checkpoint, distributed
 from sparse_lm.config import Config, Precision, to_yaml
 from sparse_lm.data.cache import TokenData, prepare
 from sparse_lm.data.loader import ChunkSampler, train_batch, val_batches
-from sparse_lm.metrics import RunLogger, format_duration
+from sparse_lm.metrics import RunLogger, Throughput, format_duration
 from sparse_lm.model import GPT
 from sparse_lm.optim import build_optimizer, decay_params, decay_weights, normalize_gradients
 from sparse_lm.schedule import lr_multiplier
@@ -218,8 +218,9 @@ def peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
-def save(run: Run) -> Path | None:
-    path = None
+def save(run: Run, loss: torch.Tensor) -> None:
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"loss is {loss.item()} at step {run.step}; stopping before any checkpoint is written")
     if run.dist.is_main:
         state = {
             "tokens": run.step * run.tokens_per_step,
@@ -233,74 +234,96 @@ def save(run: Run) -> Path | None:
         )
         log.info(f"saved checkpoint {path}")
     distributed.barrier(run.dist)
-    return path
+
+
+def log_step(run: Run, logger: RunLogger, meter: Throughput, loss: torch.Tensor, stats: dict) -> dict:
+    """Write one training row (averaged over processes) to every sink; return it."""
+    n = run.step
+    loss_value = distributed.all_reduce_sum(loss.detach().clone(), run.dist).item() / run.dist.world
+    if not math.isfinite(loss_value):
+        raise FloatingPointError(f"loss is {loss_value} at step {n}; stopping before any checkpoint is written")
+    tps = meter.tokens_per_sec(run.tokens_per_step)
+    row = {"step": n, "loss": loss_value, "lr": stats["lr"], "density": stats["density"], "tokens_per_sec": tps,
+           "grad_norm": stats["grad_norm"].item(), "tokens": n * run.tokens_per_step}
+    scalars = {"train/loss": loss_value, "lr": stats["lr"], "grad_norm": row["grad_norm"], "tokens_per_sec": tps}
+    if run.dist.is_main:
+        for sp in run.sparsifier.params:
+            scalars[f"density/{sp.name}"] = (sp.param != 0).sum().item() / sp.param.numel()
+        peak = peak_flops(run.dist.device)
+        if peak:
+            dense, effective = flops_per_token(run)
+            scalars.update({"mfu/dense_equivalent": tps * dense / peak, "mfu/effective": tps * effective / peak})
+    logger.write(row, scalars)
+    logger.progress(row, meter.eta(n, run.cfg.train.max_steps))
+    meter.restart()
+    return row
+
+
+def log_eval(run: Run, logger: RunLogger) -> dict:
+    metrics = evaluate(run)
+    if metrics:
+        logger.write({"step": run.step, **metrics}, {"val/loss": metrics["val_loss"], "val/bpb": metrics["val_bpb"]})
+        logger.info(f"step {run.step} | val loss {metrics['val_loss']:.4f} | val bpb {metrics['val_bpb']:.4f}")
+    return metrics
+
+
+@contextmanager
+def stop_requests():
+    """Turn the first SIGTERM/SIGINT into a request to stop after the current step (with a checkpoint).
+
+    A second signal acts as usual, so pressing Ctrl-C twice still interrupts at once.
+    """
+    request = {"signal": None}
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def handler(sig, _frame):
+        request["signal"] = sig
+        signal.signal(sig, previous[sig])
+
+    for s in previous:
+        signal.signal(s, handler)
+    try:
+        yield request
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def train(cfg: Config, run_dir: Path) -> dict:
-    """Train until train.max_steps (or an exit condition); return the last logged metrics."""
-    run_dir = Path(run_dir)
-    run = setup(cfg, run_dir)
+    """Train until train.max_steps (or a stop request); return the last logged metrics."""
+    run = setup(cfg, Path(run_dir))
     t = cfg.train
-    logger = RunLogger(run_dir, run.step, t.max_steps, run.dist.is_main)
-    stop = {"signal": None}
-    previous = {s: signal.signal(s, lambda sig, _f: stop.update(signal=sig)) for s in (signal.SIGTERM, signal.SIGINT)}
-    peak = peak_flops(run.dist.device)
+    logger = RunLogger(run.run_dir, run.step, t.max_steps, run.dist.is_main)
+    meter = Throughput(run.step)
+    n_params = sum(p.numel() for p in run.model.parameters())
+    logger.info(
+        f"run dir {run.run_dir} | {n_params / 1e6:.2f}M parameters | {run.dist.world} process(es) on {run.dist.device} | "
+        f"{run.accum} micro-batch(es) of {t.micro_batch_size} × {cfg.model.ctx_len} tokens per process per step"
+    )
     last: dict = {}
     try:
-        if run.dist.is_main:
-            n_params = sum(p.numel() for p in run.model.parameters())
-            log.info(
-                f"run dir {run_dir} | {n_params / 1e6:.2f}M parameters | {run.dist.world} process(es) on {run.dist.device} | "
-                f"{run.accum} micro-batch(es) of {t.micro_batch_size} × {cfg.model.ctx_len} tokens per process per step"
-            )
-        t_log, steps_since, t_begin, start_step = time.time(), 0, time.time(), run.step
-        while run.step < t.max_steps:
-            loss, stats = train_step(run)
-            steps_since += 1
-            n = run.step
-            if n % t.log_interval == 0 or n == t.max_steps:
-                loss_value = distributed.all_reduce_sum(loss.detach().clone(), run.dist).item() / run.dist.world
-                if not math.isfinite(loss_value):
-                    raise FloatingPointError(f"loss is {loss_value} at step {n}; stopping before any checkpoint is written")
-                elapsed = time.time() - t_log
-                tps = steps_since * run.tokens_per_step / elapsed
-                row = {"step": n, "loss": loss_value, "lr": stats["lr"], "density": stats["density"], "tokens_per_sec": tps,
-                       "grad_norm": stats["grad_norm"].item(), "tokens": n * run.tokens_per_step}
-                scalars = {"train/loss": loss_value, "lr": stats["lr"], "grad_norm": row["grad_norm"], "tokens_per_sec": tps}
-                if run.dist.is_main:
-                    for sp in run.sparsifier.params:
-                        scalars[f"density/{sp.name}"] = (sp.param != 0).sum().item() / sp.param.numel()
-                if peak:
-                    dense, effective = flops_per_token(run)
-                    scalars.update({"mfu/dense_equivalent": tps * dense / peak, "mfu/effective": tps * effective / peak})
-                logger.write(row, scalars)
-                logger.progress(n, loss_value, tps, stats["density"], stats["lr"], n - start_step, time.time() - t_begin)
-                last.update(row)
-                t_log, steps_since = time.time(), 0
-            if n % t.eval_interval == 0 or n == t.max_steps:
-                metrics = evaluate(run)
-                if metrics:
-                    logger.write({"step": n, **metrics}, {"val/loss": metrics["val_loss"], "val/bpb": metrics["val_bpb"]})
-                    if run.dist.is_main:
-                        log.info(f"step {n} | val loss {metrics['val_loss']:.4f} | val bpb {metrics['val_bpb']:.4f}")
-                    last.update(metrics)
-                t_log = time.time()  # evaluation time does not count against tokens/s
-            stop_now = distributed.any_rank(stop["signal"] is not None, run.dist)
-            exiting = stop_now or (t.exit_interval is not None and n % t.exit_interval == 0)
-            if n % t.ckpt_interval == 0 or n == t.max_steps or exiting:
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss is not finite at step {n}; stopping before any checkpoint is written")
-                save(run)
-                t_log = time.time()
-            if exiting and n < t.max_steps:
-                why = "a stop signal" if stop_now else f"train.exit_interval={t.exit_interval}"
-                log.info(f"stopping at step {n} because of {why}; continue with train.resume=auto")
-                break
-        if run.dist.is_main and run.step >= t.max_steps:
-            log.info(f"done: {run.step} steps in {format_duration(time.time() - t_begin)}")
+        with stop_requests() as request:
+            while run.step < t.max_steps:
+                loss, stats = train_step(run)
+                meter.step()
+                n, final = run.step, run.step == t.max_steps
+                if n % t.log_interval == 0 or final:
+                    last.update(log_step(run, logger, meter, loss, stats))
+                if n % t.eval_interval == 0 or final:
+                    last.update(log_eval(run, logger))
+                    meter.restart()  # evaluation time does not count against tokens/s
+                stop = distributed.any_rank(request["signal"] is not None, run.dist)
+                exiting = stop or (t.exit_interval is not None and n % t.exit_interval == 0)
+                if n % t.ckpt_interval == 0 or final or exiting:
+                    save(run, loss)
+                    meter.restart()
+                if exiting and not final:
+                    why = "a stop signal" if stop else f"train.exit_interval={t.exit_interval}"
+                    logger.info(f"stopping at step {n} because of {why}; continue with train.resume=auto")
+                    break
+            if run.step >= t.max_steps:
+                logger.info(f"done: {run.step} steps in {format_duration(meter.elapsed())}")
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
         logger.close()
         distributed.shutdown(run.dist)
     return last

@@ -42,17 +42,18 @@ def corpus(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def cache_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("cache")
     os.environ["SPARSE_LM_CACHE"] = str(path)  # inherited by every subprocess the tests start
     return path
 
 
-def run_train(run_dir: Path, corpus: Path, *overrides: str, check: bool = True, launcher: list[str] | None = None, **kw):
+def run_train(run_dir: Path, corpus: Path, *overrides: str, check=True, launcher=None, multirun=False, **kw):
     """Run `python train.py` (or a launcher such as torchrun) on the test corpus; return the CompletedProcess."""
     cmd = (launcher or [sys.executable]) + [
         str(REPO / "train.py"),
+        *(["--multirun"] if multirun else []),
         "data=dir",
         f"data.path={corpus}",
         *TINY,

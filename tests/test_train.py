@@ -62,8 +62,11 @@ def test_resume_after_a_clean_stop_is_bit_identical(tiny_run, corpus, tmp_path):
     assert_same_run(tiny_run, run_dir)
 
 
-def test_resume_after_sigkill_between_checkpoints_is_bit_identical(tiny_run, corpus, cache_dir, tmp_path):
-    run_dir = tmp_path / "killed"
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_resume_after_a_signal_is_bit_identical(sig, tiny_run, corpus, tmp_path):
+    """SIGTERM (preemption, Ctrl-C) stops after the current step with a checkpoint; SIGKILL loses the steps since
+    the last checkpoint. Either way, resuming reproduces the uninterrupted run bit for bit."""
+    run_dir = tmp_path / sig.name
     common = ["train.max_steps=40", "train.ckpt_interval=5", "train.eval_interval=20"]
     cmd = [sys.executable, str(REPO / "train.py"), "data=dir", f"data.path={corpus}", *TINY, f"hydra.run.dir={run_dir}", *common]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -71,15 +74,25 @@ def test_resume_after_sigkill_between_checkpoints_is_bit_identical(tiny_run, cor
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         if metrics.exists() and any(json.loads(line)["step"] >= 12 for line in metrics.read_text().splitlines() if line):
-            proc.send_signal(signal.SIGKILL)
+            proc.send_signal(sig)
             break
         time.sleep(0.005)
-    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
-    killed_at = max(json.loads(line)["step"] for line in metrics.read_text().splitlines() if line)
-    resumed_from = checkpoint.latest(run_dir / "checkpoints").name
-    assert resumed_from == f"step-{killed_at // 5 * 5:06d}" and killed_at < 40
+    assert proc.wait() == (0 if sig == signal.SIGTERM else -signal.SIGKILL)
+    last_logged = max(json.loads(line)["step"] for line in metrics.read_text().splitlines() if line)
+    assert last_logged < 40, "the run ended before the signal arrived"
+    expected = last_logged if sig == signal.SIGTERM else last_logged // 5 * 5
+    assert checkpoint.latest(run_dir / "checkpoints").name == f"step-{expected:06d}"
     run_train(run_dir, corpus, *common, "train.resume=auto")
-    assert_same_run(tiny_run, run_dir)  # rows the killed run wrote past its checkpoint were replaced
+    assert_same_run(tiny_run, run_dir)  # rows a killed run wrote past its checkpoint were replaced
+
+
+def test_a_multirun_sweep_trains_each_point_in_its_own_directory(corpus, tmp_path):
+    sweep = tmp_path / "sweep"
+    run_train(tmp_path / "unused", corpus, "sparsity.hidden_density=0.25,0.5", "train.max_steps=3", f"hydra.sweep.dir={sweep}", multirun=True)
+    for job, density in (("0", 0.25), ("1", 0.5)):
+        rows = read_metrics(sweep / job / "metrics.jsonl")
+        assert rows[-1]["step"] == 3 and rows[-2]["density"] == density
+        assert checkpoint.latest(sweep / job / "checkpoints").name == "step-000003"
 
 
 def test_existing_checkpoints_are_never_overwritten_without_resume(tiny_run, corpus):
