@@ -213,8 +213,3 @@ class GPT(nn.Module):
             return self.sites[name]
         except KeyError:
             raise KeyError(f"no activation site {name!r}; sites look like {list(self.sites)[:11]}") from None
-
-    def matmul_params(self) -> int:
-        """Parameters that take part in matmuls per token (for FLOP counts): all but biases, norms, tables."""
-        n = sum(p.numel() for name, p in self.named_parameters() if p.dim() >= 2 and name not in ("bigram",))
-        return n - self.wte.weight.numel() - (self.wpe.weight.numel() if self.wpe is not None else 0)

@@ -62,7 +62,7 @@ def test_resume_after_a_clean_stop_is_bit_identical(tiny_run, corpus, tmp_path):
     assert_same_run(tiny_run, run_dir)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name)
 def test_resume_after_a_signal_is_bit_identical(sig, tiny_run, corpus, tmp_path):
     """SIGTERM (preemption, Ctrl-C) stops after the current step with a checkpoint; SIGKILL loses the steps since
     the last checkpoint. Either way, resuming reproduces the uninterrupted run bit for bit."""
