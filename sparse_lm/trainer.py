@@ -37,10 +37,6 @@ log = logging.getLogger("sparse_lm")
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
-class StopTraining(Exception):
-    pass
-
-
 @dataclass
 class Run:
     """Everything one training run holds."""
@@ -111,6 +107,8 @@ def setup(cfg: Config, run_dir: Path) -> Run:
     if not dist.is_main:
         logging.getLogger().setLevel(logging.WARNING)
     accum = check_config(cfg, dist)
+    with torch.device("meta"):  # model and sparsity settings fail here, before any data work
+        Sparsifier(GPT(cfg.model), cfg.sparsity, cfg.train.max_steps)
     resume_from = find_resume(cfg, run_dir)
 
     # The main process builds the token cache; the others wait, then read it.
@@ -143,7 +141,10 @@ def restore(run: Run, ckpt: Path) -> None:
             f"{ckpt} was trained with tokenizer {str(state['state'].get('tokenizer_hash'))[:12]}, but the data of this "
             f"config ({run.data.dir}) uses {run.data.meta['tokenizer_hash'][:12]}; resume with the same data settings"
         )
-    run.model.load_state_dict(state["model"])
+    try:
+        run.model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise ValueError(f"{ckpt} does not fit the model of this config (compare its config.yaml):\n{e}") from None
     run.optimizer.load_state_dict(state["optimizer"])
     checkpoint.set_rng_state(state["rng"])
     run.step = state["state"]["step"]

@@ -72,3 +72,14 @@ def tiny_run(tmp_path_factory, corpus, cache_dir) -> Path:
     run_dir = tmp_path_factory.mktemp("runs") / "reference"
     run_train(run_dir, corpus, "train.max_steps=40", "train.ckpt_interval=5", "train.eval_interval=20", "train.keep_last=20")
     return run_dir
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
