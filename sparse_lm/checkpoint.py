@@ -28,12 +28,15 @@ from sparse_lm.fsutil import atomic_directory, fsync_dir, remove_stale_temporari
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
+def step_of(ckpt: Path) -> int:
+    return int(STEP_DIR.match(Path(ckpt).name).group(1))
+
+
 def step_dirs(ckpt_root: Path) -> list[Path]:
     """Complete checkpoint directories, oldest first."""
     if not Path(ckpt_root).is_dir():
         return []
-    found = [p for p in Path(ckpt_root).iterdir() if STEP_DIR.match(p.name) and p.is_dir()]
-    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+    return sorted((p for p in Path(ckpt_root).iterdir() if STEP_DIR.match(p.name) and p.is_dir()), key=step_of)
 
 
 def latest(ckpt_root: Path) -> Path | None:
@@ -60,7 +63,7 @@ def resolve(path: str | Path) -> Path:
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()  # this process's device only
     return state
 
 
@@ -68,7 +71,7 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def save(
@@ -95,7 +98,8 @@ def save(
         shutil.copyfile(tokenizer, tmp / "tokenizer.json")
     point_latest(ckpt_root, final.name)
     for old in step_dirs(ckpt_root)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -117,14 +121,11 @@ def load_weights(ckpt: Path, map_location="cpu") -> dict[str, torch.Tensor]:
 
 
 def load(ckpt: Path, map_location="cpu") -> dict:
-    """Read a checkpoint directory: {'model', 'optimizer', 'rng', 'state'} (optimizer/rng may be absent)."""
+    """Read everything a resume needs: {'model', 'optimizer', 'rng', 'state'}."""
     ckpt = Path(ckpt)
-    out = {
+    return {
         "model": load_weights(ckpt, map_location),
+        "optimizer": torch.load(ckpt / "optimizer.pt", map_location=map_location, weights_only=True),
+        "rng": torch.load(ckpt / "rng.pt", map_location="cpu", weights_only=True),  # RNG states stay on the CPU
         "state": load_state(ckpt),
     }
-    for name in ("optimizer", "rng"):
-        if (ckpt / f"{name}.pt").is_file():
-            where = map_location if name == "optimizer" else "cpu"  # RNG states must stay on the CPU
-            out[name] = torch.load(ckpt / f"{name}.pt", map_location=where, weights_only=True)
-    return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as td
@@ -45,7 +46,8 @@ def init(device_pref: str) -> Dist:
     if world > 1 and not td.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        td.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        # Long timeout: the other processes wait at a barrier while the first one builds the token cache.
+        td.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=2))
     return Dist(rank, world, local_rank, device)
 
 

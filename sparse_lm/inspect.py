@@ -3,8 +3,8 @@
     python -m sparse_lm.inspect runs/tiny            # or a checkpoints/step-N directory
 
 For every parameter: shape, nonzeros, the k the schedule requires at the checkpoint's step, density, and the
-smallest nonzero count of any protected neuron. Exits 1 if a sparse parameter has any count other than its k,
-or a neuron has fewer than j nonzeros.
+smallest nonzero count of any protected neuron. Exits 1 if a sparse matrix or embedding has any count other than its
+k, a sparse bias more than its k, or a neuron fewer than j nonzeros.
 """
 
 from __future__ import annotations
@@ -31,10 +31,12 @@ class Row:
     k: int | None  # None: a dense parameter, not projected
     min_per_neuron: int | None
     j: int | None
+    exact: bool = True  # False for biases: they start at 0, and a channel that never gets gradient stays 0
 
     @property
     def ok(self) -> bool:
-        return (self.k is None or self.nonzeros == self.k) and (self.j is None or self.min_per_neuron >= self.j)
+        count_ok = self.k is None or self.nonzeros == self.k or (not self.exact and self.nonzeros < self.k)
+        return count_ok and (self.j is None or self.min_per_neuron >= self.j)
 
 
 def inspect_checkpoint(path) -> tuple[str, list[Row]]:
@@ -58,7 +60,7 @@ def inspect_checkpoint(path) -> tuple[str, list[Row]]:
             if sp.neuron_axis is not None:
                 j = min(sparsifier.j(sp), w.shape[1 - sp.neuron_axis])
                 min_neuron = int((w != 0).sum(dim=1 - sp.neuron_axis).min())
-        rows.append(Row(name, tuple(w.shape), int((w != 0).sum()), k, min_neuron, j))
+        rows.append(Row(name, tuple(w.shape), int((w != 0).sum()), k, min_neuron, j, exact=sp is None or sp.kind != "bias"))
     title = f"{ckpt} | step {step} of {cfg.train.max_steps} | sparsity {'on' if cfg.sparsity.enabled else 'off'}"
     return title, rows
 

@@ -58,16 +58,12 @@ class RunLogger:
         self._truncate_after(start_step)
         from torch.utils.tensorboard import SummaryWriter
 
-        # purge_step hides events from an interrupted run beyond the step we resume from.
-        self.tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
+        # purge_step hides events an interrupted attempt wrote beyond the step we start from.
+        self.tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=start_step + 1)
 
     def _truncate_after(self, step: int) -> None:
-        if not self.path.exists():
-            return
-        rows = [line for line in self.path.read_text().splitlines() if line.strip()]
-        kept = [r for r in rows if json.loads(r)["step"] <= step]
-        if len(kept) != len(rows):
-            write_text(self.path, "".join(r + "\n" for r in kept))
+        if self.path.exists():
+            write_text(self.path, "".join(json.dumps(r) + "\n" for r in read_metrics(self.path) if r["step"] <= step))
 
     def write(self, row: dict, scalars: dict[str, float] | None = None) -> None:
         """Append one JSON row (must hold `step`) and its TensorBoard scalars."""
@@ -98,7 +94,16 @@ class RunLogger:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """Rows of a metrics.jsonl; a last line cut short by a killed process is ignored."""
+    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i != len(lines) - 1:
+                raise ValueError(f"{path}: line {i + 1} is not JSON") from None
+    return rows
 
 
 def plot_curves(metrics_path: Path, out: Path) -> None:

@@ -161,7 +161,7 @@ class GPT(nn.Module):
         self.norm_f = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         # Dense: the row of the current token is added to the logits. Excluded from sparsity and decay.
-        self.bigram = nn.Parameter(torch.rand(cfg.vocab_size, cfg.vocab_size) * 0.02) if cfg.bigram else None
+        self.bigram = nn.Parameter(torch.empty(cfg.vocab_size, cfg.vocab_size)) if cfg.bigram else None
 
         self.sites: dict[str, Site] = {}  # stable name -> Site, e.g. "3.attn.q", "0.resid_mid"
         for i, block in enumerate(self.blocks):

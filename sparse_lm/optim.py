@@ -22,7 +22,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, fused: bool = False) -> 
 
 def decay_params(model: nn.Module) -> list[nn.Parameter]:
     """Weight decay applies to every ≥2-D parameter except the bigram table."""
-    return [p for name, p in model.named_parameters() if p.dim() >= 2 and name != "bigram"]
+    return [p for name, p in model.named_parameters() if p.dim() >= 2 and not name.endswith("bigram")]
 
 
 @torch.no_grad()

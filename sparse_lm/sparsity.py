@@ -42,7 +42,7 @@ def sparse_params(model: nn.Module, cfg: SparsityConfig) -> list[SparseParam]:
         axis = next((a for suffix, a in NEURON_AXIS.items() if name.endswith(suffix)), None)
         if axis is not None:
             out.append(SparseParam(name, p, "hidden", axis))
-        elif name in EMBEDDINGS:
+        elif any(name.endswith(e) for e in EMBEDDINGS):
             out.append(SparseParam(name, p, "embed", None))
         elif name.endswith(".bias") and cfg.sparsify_biases:
             out.append(SparseParam(name, p, "bias", None))

@@ -99,7 +99,14 @@ def find_resume(cfg: Config, run_dir: Path) -> Path | None:
         return None
     if resume == "auto":
         return checkpoint.latest(ckpts)
-    return checkpoint.resolve(resume)
+    source = checkpoint.resolve(resume)
+    later = [d.name for d in checkpoint.step_dirs(ckpts) if checkpoint.step_of(d) > checkpoint.step_of(source)]
+    if later:
+        raise FileExistsError(
+            f"{run_dir} holds checkpoints past {source.name} ({', '.join(later)}); resuming from {resume} here would "
+            f"mix two histories. Use another hydra.run.dir, or delete those checkpoints first."
+        )
+    return source
 
 
 def setup(cfg: Config, run_dir: Path) -> Run:
@@ -219,9 +226,21 @@ def peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
+def mean_loss_checked(run: Run, loss: torch.Tensor) -> float:
+    """The loss averaged over processes; raises on every process if it or any weight is not finite.
+
+    Called before logging and before saving, so a diverged run stops without writing a broken checkpoint.
+    """
+    weights = torch.stack(torch._foreach_norm([p.detach() for p in run.model.parameters()])).sum()
+    values = torch.stack([loss.detach().float(), weights.float()])
+    distributed.all_reduce_sum(values, run.dist)
+    if not torch.isfinite(values).all():
+        raise FloatingPointError(f"loss or weights are not finite at step {run.step}; stopping before any checkpoint is written")
+    return values[0].item() / run.dist.world
+
+
 def save(run: Run, loss: torch.Tensor) -> None:
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"loss is {loss.item()} at step {run.step}; stopping before any checkpoint is written")
+    mean_loss_checked(run, loss)
     if run.dist.is_main:
         state = {
             "tokens": run.step * run.tokens_per_step,
@@ -240,9 +259,7 @@ def save(run: Run, loss: torch.Tensor) -> None:
 def log_step(run: Run, logger: RunLogger, meter: Throughput, loss: torch.Tensor, stats: dict) -> dict:
     """Write one training row (averaged over processes) to every sink; return it."""
     n = run.step
-    loss_value = distributed.all_reduce_sum(loss.detach().clone(), run.dist).item() / run.dist.world
-    if not math.isfinite(loss_value):
-        raise FloatingPointError(f"loss is {loss_value} at step {n}; stopping before any checkpoint is written")
+    loss_value = mean_loss_checked(run, loss)
     tps = meter.tokens_per_sec(run.tokens_per_step)
     row = {"step": n, "loss": loss_value, "lr": stats["lr"], "density": stats["density"], "tokens_per_sec": tps,
            "grad_norm": stats["grad_norm"].item(), "tokens": n * run.tokens_per_step}
@@ -253,7 +270,8 @@ def log_step(run: Run, logger: RunLogger, meter: Throughput, loss: torch.Tensor,
         peak = peak_flops(run.dist.device)
         if peak:
             dense, effective = flops_per_token(run)
-            scalars.update({"mfu/dense_equivalent": tps * dense / peak, "mfu/effective": tps * effective / peak})
+            per_gpu = tps / run.dist.world  # tps counts every process's tokens; peak is one GPU's
+            scalars.update({"mfu/dense_equivalent": per_gpu * dense / peak, "mfu/effective": per_gpu * effective / peak})
     logger.write(row, scalars)
     logger.progress(row, meter.eta(n, run.cfg.train.max_steps))
     meter.restart()

@@ -80,8 +80,11 @@ def test_resume_after_a_signal_is_bit_identical(sig, tiny_run, corpus, tmp_path)
     assert proc.wait() == (0 if sig == signal.SIGTERM else -signal.SIGKILL)
     last_logged = max(json.loads(line)["step"] for line in metrics.read_text().splitlines() if line)
     assert last_logged < 40, "the run ended before the signal arrived"
-    expected = last_logged if sig == signal.SIGTERM else last_logged // 5 * 5
-    assert checkpoint.latest(run_dir / "checkpoints").name == f"step-{expected:06d}"
+    resumed_from = checkpoint.step_of(checkpoint.latest(run_dir / "checkpoints"))
+    if sig == signal.SIGTERM:
+        assert resumed_from == last_logged  # the step under way was finished and saved
+    else:  # the kill may land between a step's log row and its checkpoint
+        assert resumed_from % 5 == 0 and last_logged - 10 < resumed_from <= last_logged
     run_train(run_dir, corpus, *common, "train.resume=auto")
     assert_same_run(tiny_run, run_dir)  # rows a killed run wrote past its checkpoint were replaced
 
@@ -100,6 +103,15 @@ def test_existing_checkpoints_are_never_overwritten_without_resume(tiny_run, cor
     assert proc.returncode != 0 and "already holds checkpoints" in proc.stderr and "train.resume=auto" in proc.stderr
     proc = run_train(tiny_run, corpus, "train.max_steps=40", "train.resume=auto")  # finished: nothing to do
     assert checkpoint.latest(tiny_run / "checkpoints").name == "step-000040"
+    rewind = f"train.resume={tiny_run}/checkpoints/step-000020"
+    proc = run_train(tiny_run, corpus, "train.max_steps=40", rewind, check=False)
+    assert proc.returncode != 0 and "holds checkpoints past step-000020" in proc.stderr
+
+
+def test_a_diverged_run_stops_before_writing_a_checkpoint(corpus, tmp_path):
+    proc = run_train(tmp_path / "nan", corpus, "optim.lr=inf", "train.max_steps=4", "train.ckpt_interval=2", check=False)
+    assert proc.returncode != 0 and "not finite at step 1; stopping before any checkpoint is written" in proc.stderr
+    assert checkpoint.latest(tmp_path / "nan" / "checkpoints") is None
 
 
 def test_bad_overrides_fail_at_once_with_hydras_message(corpus, tmp_path):

@@ -90,7 +90,7 @@ def build(out: Path, documents: Callable[[], Iterable[tuple[str, str]]], cfg: Da
     for key, text in documents():
         if not sources.is_val(key, cfg.val_fraction):
             sample.append(text)
-            n += len(text)
+            n += len(text.encode())
             if n >= cfg.tokenizer_sample_bytes:
                 break
     if not sample:
