@@ -173,7 +173,7 @@ def train_step(run: Run) -> tuple[torch.Tensor, dict]:
         total += loss.detach()
 
     params = list(run.model.parameters())
-    norm, rms = normalize_gradients(params, cfg.optim.grad_norm, cfg.optim.grad_eps)
+    norm, _ = normalize_gradients(params, cfg.optim.grad_norm, cfg.optim.grad_eps)
     density = run.sparsifier.density("hidden", n)
     final = run.sparsifier.density("hidden", cfg.train.max_steps)
     lr = cfg.optim.lr * lr_multiplier(n / cfg.train.max_steps, cfg.optim.warmup, density, final)
@@ -184,7 +184,7 @@ def train_step(run: Run) -> tuple[torch.Tensor, dict]:
     run.sparsifier.apply(n)
     decay_weights(decay_params(run.model), cfg.optim.weight_decay, lr)
     run.step = n
-    return total / run.accum, {"lr": lr, "density": density, "grad_norm": norm, "grad_rms": rms}
+    return total / run.accum, {"lr": lr, "density": density, "grad_norm": norm}
 
 
 @torch.no_grad()
