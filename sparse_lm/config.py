@@ -50,6 +50,18 @@ class GradNorm(Enum):
     none = "none"
 
 
+class Backend(Enum):
+    dense = "dense"  # dense matmuls on the masked weights (the reference implementation's way)
+    torch_sparse = "torch_sparse"  # torch CSR (cuSPARSE on GPU)
+    triton = "triton"  # our SpMM kernels whenever a matrix is sparse
+    auto = "auto"  # triton at or below the crossover density, dense above it (dense on CPU)
+
+
+class OpImpl(Enum):
+    torch = "torch"  # the reference: torch.topk (+ scatter)
+    triton = "triton"  # our fused kernel (CUDA)
+
+
 class Precision(Enum):
     auto = "auto"  # bf16 autocast on CUDA, fp32 on CPU
     fp32 = "fp32"
@@ -145,6 +157,15 @@ class TrainConfig:
 
 
 @dataclass
+class KernelsConfig:
+    backend: Backend = Backend.dense  # matmuls of the sparse hidden matrices
+    crossover: float = 0.04  # auto: a matrix at or below this density uses the Triton SpMM
+    calibrate: bool = False  # auto: measure the crossover per matrix shape at start-up (CUDA), cached on disk
+    abstopk: OpImpl = OpImpl.torch  # activation AbsTopK
+    select: OpImpl = OpImpl.torch  # top-k selection of the weight projection
+
+
+@dataclass
 class Config:
     name: str = "run"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -152,6 +173,7 @@ class Config:
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
 
 
 @dataclass

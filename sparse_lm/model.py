@@ -41,9 +41,10 @@ class Site(nn.Module):
         super().__init__()
         self.k = k
         self.name = ""
+        self.topk_fn = abstopk  # sparse_lm.backends may swap in the fused kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.k is None else abstopk(x, self.k)
+        return x if self.k is None else self.topk_fn(x, self.k)
 
     def extra_repr(self) -> str:
         return f"{self.name!r}, k={self.k}"

@@ -69,11 +69,18 @@ def topk_mask(scores: torch.Tensor, k: int, dim: int | None = None) -> torch.Ten
     return above | (tied & (tied.cumsum(dim=dim) <= need))
 
 
+def protected_mask(w: torch.Tensor, j: int, neuron_axis: int | None) -> torch.Tensor | None:
+    """The j largest |w| of every neuron (each row for axis 0, each column for axis 1), or None."""
+    if j <= 0 or neuron_axis is None:
+        return None
+    return topk_mask(w.detach().abs().float(), j, dim=1 - neuron_axis)
+
+
 def projection_mask(w: torch.Tensor, k: int, j: int = 0, neuron_axis: int | None = None) -> torch.Tensor:
     """The entries a projection to k nonzeros keeps, with the j largest of every neuron protected."""
     score = w.detach().abs().float()
-    if j > 0 and neuron_axis is not None:
-        protected = topk_mask(score, j, dim=1 - neuron_axis)  # within each row (axis 0) or column (axis 1)
+    protected = protected_mask(w, j, neuron_axis)
+    if protected is not None:
         score = score.masked_fill(protected, float("inf"))
     return topk_mask(score, k)
 
@@ -84,6 +91,8 @@ class Sparsifier:
     def __init__(self, model: nn.Module, cfg: SparsityConfig, total_steps: int):
         self.cfg, self.total_steps = cfg, total_steps
         self.params = sparse_params(model, cfg) if cfg.enabled else []
+        # (parameter, k, j) -> mask of the entries to keep; kernels.select.RadixSelect is the fast one on CUDA.
+        self.mask_fn = lambda sp, k, j: projection_mask(sp.param, k, j, sp.neuron_axis)
         self._check()
 
     def targets(self) -> dict[str, float]:
@@ -110,7 +119,7 @@ class Sparsifier:
         for sp in self.params:
             k = self.k(sp, step)
             if k < sp.param.numel():
-                sp.param.mul_(projection_mask(sp.param, k, self.j(sp), sp.neuron_axis))
+                sp.param.mul_(self.mask_fn(sp, k, self.j(sp)))
 
     def _check(self) -> None:
         c = self.cfg

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
 import time
 from contextlib import contextmanager, nullcontext
@@ -22,6 +23,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from sparse_lm import checkpoint, distributed
+from sparse_lm.backends import Accelerator, install
 from sparse_lm.config import Config, Precision, to_yaml
 from sparse_lm.data.cache import TokenData, prepare
 from sparse_lm.data.loader import ChunkSampler, train_batch, val_batches
@@ -49,6 +51,7 @@ class Run:
     train_model: torch.nn.Module  # the same, possibly compiled and DDP-wrapped
     optimizer: torch.optim.Optimizer
     sparsifier: Sparsifier
+    accel: Accelerator  # which kernels run the sparse matmuls, AbsTopK and the projection
     sampler: ChunkSampler
     accum: int
     step: int = 0
@@ -58,15 +61,15 @@ class Run:
         return self.cfg.train.batch_size * self.cfg.model.ctx_len
 
     def autocast(self):
-        if self.precision_dtype() is None:
-            return nullcontext()
-        return torch.autocast(self.dist.device.type, dtype=self.precision_dtype())
+        dtype = autocast_dtype(self.cfg, self.dist.device)
+        return nullcontext() if dtype is None else torch.autocast(self.dist.device.type, dtype=dtype)
 
-    def precision_dtype(self):
-        p = self.cfg.train.precision
-        if p == Precision.bf16 or (p == Precision.auto and self.dist.device.type == "cuda"):
-            return torch.bfloat16
-        return None
+
+def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
+    p = cfg.train.precision
+    if p == Precision.bf16 or (p == Precision.auto and device.type == "cuda"):
+        return torch.bfloat16
+    return None
 
 
 def check_config(cfg: Config, dist: distributed.Dist) -> int:
@@ -83,6 +86,10 @@ def check_config(cfg: Config, dist: distributed.Dist) -> int:
             raise ValueError(f"train.{key}={getattr(t, key)} must be ≥ 1")
     if not 0 <= cfg.optim.warmup < 1:
         raise ValueError(f"optim.warmup={cfg.optim.warmup} must be in [0, 1)")
+    k = cfg.kernels
+    wanted = [f"kernels.{key}=triton" for key, v in (("backend", k.backend), ("abstopk", k.abstopk), ("select", k.select)) if v.value == "triton"]
+    if wanted and dist.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"{', '.join(wanted)} needs a CUDA device (train.device={t.device} gives {dist.device}); use kernels=default on CPU")
     return t.batch_size // per_step
 
 
@@ -130,10 +137,14 @@ def setup(cfg: Config, run_dir: Path) -> Run:
     torch.manual_seed(cfg.train.seed)
     model = GPT(cfg.model).to(dist.device)
     sparsifier = Sparsifier(model, cfg.sparsity, cfg.train.max_steps)
+    compute_dtype = autocast_dtype(cfg, dist.device) or torch.float32
+    accel = install(model, sparsifier, cfg.kernels, compute_dtype, tokens=cfg.train.micro_batch_size * cfg.model.ctx_len)
     optimizer = build_optimizer(model, cfg.optim, fused=dist.device.type == "cuda")
-    run = Run(cfg, run_dir, dist, data, model, model, optimizer, sparsifier, ChunkSampler(data.train, cfg.model.ctx_len, cfg.train.seed), accum)
+    sampler = ChunkSampler(data.train, cfg.model.ctx_len, cfg.train.seed)
+    run = Run(cfg, run_dir, dist, data, model, model, optimizer, sparsifier, accel, sampler, accum)
     if resume_from is not None:
         restore(run, resume_from)
+    accel.after_step(run.step)
     if cfg.train.compile:
         run.train_model = torch.compile(run.train_model)
     if dist.enabled:
@@ -183,6 +194,7 @@ def train_step(run: Run) -> tuple[torch.Tensor, dict]:
     run.optimizer.zero_grad(set_to_none=True)
     run.sparsifier.apply(n)
     decay_weights(decay_params(run.model), cfg.optim.weight_decay, lr)
+    run.accel.after_step(n)
     run.step = n
     return total / run.accum, {"lr": lr, "density": density, "grad_norm": norm}
 

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import os
+
+import torch
+
+# Without a GPU the Triton kernels run in Triton's interpreter, which must be chosen before kernels/ is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 import shutil
 import subprocess
 import sys
@@ -75,8 +81,6 @@ def tiny_run(tmp_path_factory, corpus, cache_dir) -> Path:
 
 
 def pytest_collection_modifyitems(config, items):
-    import torch
-
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

@@ -1,0 +1,11 @@
+"""Triton kernels for weight-sparse training (SPEC §4), each wrapped as a torch custom op.
+
+- `abstopk`:  fused per-token top-|x| (activation sparsity), forward and backward.
+- `compress`: compressed copies of a sparse weight (CSR by output rows and by input rows), built on the GPU.
+- `spmm`:     SpMM over those copies for Y = X·Wᵀ and dX = dY·W; dW stays a dense matmul.
+- `select`:   radix select of the k largest |w| with the reference tie rule and the j-per-neuron protection.
+- `bench`:    `python -m kernels.bench`, timing every op against its references.
+
+Kernels run on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1 is set before this package is imported
+(that is how the tests run them without a GPU).
+"""

@@ -1,0 +1,89 @@
+"""Fused AbsTopK: keep, per row, the k entries of largest |x| (ties: the lower index), zero the rest.
+
+One program handles a few rows held in registers (d ≤ 8192). The k-th largest magnitude is found by a bitwise
+search over the magnitude bits of the float (15 for bf16/fp16, 31 for fp32): each bit costs one in-register
+count, and no memory is touched between the load and the store. The reference is `torch.topk` + `scatter`
+(sparse_lm.model.abstopk), which this matches exactly when magnitudes are distinct.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.runtime import require_launchable
+
+
+@triton.jit
+def _abstopk_kernel(x_ptr, y_ptr, keep_ptr, n_rows, d, k, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, MAG_BITS: tl.constexpr):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_D)
+    inside = (rows[:, None] < n_rows) & (cols[None, :] < d)
+    offs = rows[:, None] * d + cols[None, :]
+    x = tl.load(x_ptr + offs, mask=inside, other=0.0)
+    # Non-negative floats order like their bit patterns: the magnitude bits are a sortable integer key.
+    if MAG_BITS == 15:
+        key = x.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF
+    else:
+        key = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+    key = tl.where(inside, key, -1)  # padding is never selected
+    # Largest t with count(key >= t) >= k, i.e. the k-th largest key, built bit by bit from the top.
+    thr = tl.zeros((ROWS,), tl.int32)
+    for i in tl.static_range(MAG_BITS):
+        cand = thr | (1 << (MAG_BITS - 1 - i))
+        count = tl.sum((key >= cand[:, None]).to(tl.int32), axis=1)
+        thr = tl.where(count >= k, cand, thr)
+    above = key > thr[:, None]
+    tied = key == thr[:, None]
+    need = k - tl.sum(above.to(tl.int32), axis=1)
+    keep = above | (tied & (tl.cumsum(tied.to(tl.int32), axis=1) <= need[:, None]))
+    tl.store(y_ptr + offs, tl.where(keep, x, 0.0), mask=inside)
+    tl.store(keep_ptr + offs, keep.to(tl.int8), mask=inside)
+
+
+def _launch(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    require_launchable(x, "AbsTopK")
+    d = x.shape[-1]
+    if d > 8192:
+        raise ValueError(f"fused AbsTopK handles rows of up to 8192 entries, got {d}")
+    x2 = x.reshape(-1, d).contiguous()
+    y = torch.empty_like(x2)
+    keep = torch.empty(x2.shape, dtype=torch.int8, device=x.device)
+    block_d = triton.next_power_of_2(d)
+    rows = max(1, min(16, 2048 // block_d))
+    mag_bits = 31 if x.dtype == torch.float32 else 15
+    grid = (triton.cdiv(x2.shape[0], rows),)
+    _abstopk_kernel[grid](x2, y, keep, x2.shape[0], d, k, ROWS=rows, BLOCK_D=block_d, MAG_BITS=mag_bits,
+                          num_warps=4 if block_d <= 2048 else 8)
+    return y.view_as(x), keep.view(x.shape).bool()
+
+
+@torch.library.custom_op("sparse_lm::abstopk", mutates_args=())
+def abstopk_op(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values with all but the top-k |x| per row zeroed, boolean mask of the kept entries)."""
+    if k >= x.shape[-1]:
+        return x.clone(), torch.ones_like(x, dtype=torch.bool)
+    return _launch(x, k)
+
+
+@abstopk_op.register_fake
+def _(x, k):
+    return torch.empty_like(x), torch.empty_like(x, dtype=torch.bool)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+
+
+def _backward(ctx, grad_y, _grad_mask):
+    (keep,) = ctx.saved_tensors
+    return grad_y * keep, None
+
+
+abstopk_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def abstopk(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Drop-in for sparse_lm.model.abstopk: gradients flow through the kept entries only."""
+    return abstopk_op(x, k)[0]

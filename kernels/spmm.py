@@ -1,0 +1,95 @@
+"""SpMM for weight-sparse linear layers: Y = X·Aᵀ with A compressed (kernels.compress), and the autograd
+Function that uses it for Y = X·Wᵀ and dX = dY·W while dW = dYᵀ·X stays a dense matmul (exact regrowth).
+
+Kernel: a program owns a tile of BT tokens × BR rows of A (rows taken in order of decreasing length) and walks
+the rows' entries in lockstep (sliced-ELL over CSR): step j gathers X[t, col_j(r)] for the whole tile and
+accumulates val_j(r)·X in fp32. Programs that share a token tile run next to each other, so the tile of X they
+gather from stays in cache. X may be token-major (the model's layout) or feature-major (any strides).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.compress import Compressed
+from kernels.runtime import require_launchable
+
+
+@triton.jit
+def _spmm_kernel(x_ptr, y_ptr, row_ptr_ptr, cols_ptr, vals_ptr, order_ptr, T, N, stride_xt, stride_xk, stride_yt, stride_yn,
+                 BT: tl.constexpr, BR: tl.constexpr, UNROLL: tl.constexpr):
+    pid_r, pid_t = tl.program_id(0), tl.program_id(1)
+    r_idx = pid_r * BR + tl.arange(0, BR)
+    r_in = r_idx < N
+    rows = tl.load(order_ptr + r_idx, mask=r_in, other=0)
+    start = tl.load(row_ptr_ptr + rows, mask=r_in, other=0)
+    length = tl.load(row_ptr_ptr + rows + 1, mask=r_in, other=0) - start
+    t = pid_t * BT + tl.arange(0, BT)
+    t_in = t < T
+    acc = tl.zeros((BT, BR), dtype=tl.float32)
+    for j0 in range(0, tl.max(length, axis=0), UNROLL):
+        for u in tl.static_range(UNROLL):
+            active = r_in & (j0 + u < length)
+            c = tl.load(cols_ptr + start + j0 + u, mask=active, other=0).to(tl.int64)
+            v = tl.load(vals_ptr + start + j0 + u, mask=active, other=0.0).to(tl.float32)
+            x = tl.load(x_ptr + t[:, None] * stride_xt + c[None, :] * stride_xk, mask=t_in[:, None] & active[None, :], other=0.0)
+            acc += x.to(tl.float32) * v[None, :]
+    out = y_ptr + t[:, None] * stride_yt + rows[None, :] * stride_yn
+    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=t_in[:, None] & r_in[None, :])
+
+
+@torch.library.custom_op("sparse_lm::spmm", mutates_args=())
+def spmm(x: torch.Tensor, row_ptr: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, order: torch.Tensor, n_out: int) -> torch.Tensor:
+    """Y [T, n_out] = X [T, K] · Aᵀ for the CSR matrix A [n_out, K] given by (row_ptr, cols, vals, order)."""
+    require_launchable(x, "SpMM")
+    T = x.shape[0]
+    y = torch.empty((T, n_out), dtype=x.dtype, device=x.device)
+    BT, BR = 64, 32
+    grid = (triton.cdiv(n_out, BR), triton.cdiv(T, BT))
+    _spmm_kernel[grid](x, y, row_ptr, cols, vals, order, T, n_out, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+                       BT=BT, BR=BR, UNROLL=2, num_warps=4)
+    return y
+
+
+@spmm.register_fake
+def _(x, row_ptr, cols, vals, order, n_out):
+    return x.new_empty((x.shape[0], n_out))
+
+
+def matmul_t(x: torch.Tensor, a: Compressed, impl: str) -> torch.Tensor:
+    """x [T, K] · Aᵀ with A [n, K] compressed: 'triton' (our kernel) or 'torch_sparse' (torch CSR, cuSPARSE on GPU)."""
+    if impl == "triton":
+        return spmm(x, a.row_ptr, a.cols, a.vals, a.order, a.shape[0])
+    return (a.to_torch_sparse() @ x.t()).t()
+
+
+class SparseLinearFunction(torch.autograd.Function):
+    """y = x·Wᵀ + b where the matmuls read compressed copies of W: `fwd` (rows = outputs) and `bwd` (rows = inputs).
+
+    The weight is an input only so that it receives its gradient, which is dense: dW = dyᵀ·x.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, fwd: Compressed, bwd: Compressed, impl: str):
+        ctx.save_for_backward(x)
+        ctx.bwd, ctx.impl, ctx.has_bias, ctx.weight_dtype = bwd, impl, bias is not None, weight.dtype
+        y = matmul_t(x, fwd, impl)
+        return y if bias is None else y + bias.to(y.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        dy = dy.contiguous()
+        dx = matmul_t(dy, ctx.bwd, ctx.impl) if ctx.needs_input_grad[0] else None
+        dw = (dy.t() @ x).to(ctx.weight_dtype)
+        db = dy.sum(0).to(ctx.weight_dtype) if ctx.has_bias else None
+        return dx, dw, db, None, None, None
+
+
+def sparse_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fwd: Compressed, bwd: Compressed, impl: str):
+    """F.linear over compressed copies; x may have any leading dims."""
+    lead = x.shape[:-1]
+    y = SparseLinearFunction.apply(x.reshape(-1, x.shape[-1]), weight, bias, fwd, bwd, impl)
+    return y.view(*lead, y.shape[-1])
