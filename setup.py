@@ -6,7 +6,7 @@ setup(
     description="Train weight-sparse GPT-2-style transformers on Python code and measure their circuits",
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["sparse_lm", "sparse_lm.*"]),
+    packages=find_packages(include=["sparse_lm", "sparse_lm.*", "kernels", "kernels.*"]),
     python_requires=">=3.10",
     install_requires=[
         # The GPU machines carry torch 2.11 and triton 3.6; CPU machines use torch 2.13 (CPU build).

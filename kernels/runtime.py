@@ -20,3 +20,25 @@ def require_launchable(t: torch.Tensor, what: str) -> None:
             f"{what} is a Triton kernel: it needs a CUDA tensor (or TRITON_INTERPRET=1 set before import, for tests); "
             f"got a tensor on {t.device}"
         )
+
+
+def time_ms(fn, cuda: bool, warmup_ms: float = 25, rep_ms: float = 100) -> float:
+    """Median milliseconds per call: CUDA events (triton.testing.do_bench) on a GPU, the wall clock on the CPU."""
+    if cuda:
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+    import statistics
+    import time
+
+    end = time.perf_counter() + warmup_ms / 1e3
+    while True:
+        fn()
+        if time.perf_counter() > end:
+            break
+    times, end = [], time.perf_counter() + rep_ms / 1e3
+    while len(times) < 3 or time.perf_counter() < end:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3

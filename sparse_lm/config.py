@@ -189,6 +189,41 @@ class SampleConfig:
 
 
 @dataclass
+class BenchConfig:
+    """`python -m kernels.bench`: each op against its references, or whole training steps (mode=train)."""
+
+    mode: str = "ops"  # ops | train
+    device: str = "auto"
+    dtype: str = "bf16"  # on CUDA; the CPU runs fp32
+    # ops on CUDA: [out, in] of the MLP matrices at d_model 1024 and 2048 (d_mlp = 4 d_model), 65,536 tokens
+    tokens: int = 65536
+    shapes: list[list[int]] = field(default_factory=lambda: [[4096, 1024], [1024, 4096], [8192, 2048], [2048, 8192]])
+    densities: list[float] = field(default_factory=lambda: [0.1, 0.03, 0.01, 0.003, 0.001])
+    select_shape: list[int] = field(default_factory=lambda: [4096, 4096])  # 16.8M entries
+    select_density: float = 1 / 64
+    abstopk_dims: list[int] = field(default_factory=lambda: [1024, 4096, 8192])
+    afrac: float = 0.25
+    # ops on the CPU: the reference backends at small shapes
+    cpu_tokens: int = 2048
+    cpu_shapes: list[list[int]] = field(default_factory=lambda: [[512, 128], [128, 512]])
+    cpu_select_shape: list[int] = field(default_factory=lambda: [512, 512])
+    cpu_abstopk_dims: list[int] = field(default_factory=lambda: [128, 512])
+    warmup_ms: int = 25
+    rep_ms: int = 100
+    # mode=train: training steps at the final density, one run per kernels setting, in one process
+    train_overrides: list[str] = field(default_factory=lambda: ["preset=paper", "train.compile=false"])
+    # The fp32 run is the yardstick for "bf16 noise": how far the reference itself moves with precision.
+    train_kernels: list[str] = field(default_factory=lambda: ["kernels=default", "kernels=fast", "kernels=default train.precision=fp32"])
+    cpu_train_overrides: list[str] = field(
+        default_factory=lambda: ["preset=tiny", "train.batch_size=8", "train.micro_batch_size=8"]
+    )
+    cpu_train_kernels: list[str] = field(default_factory=lambda: ["kernels=default", "kernels.backend=torch_sparse"])
+    train_steps: int = 20  # timed steps per setting (after 3 warm-up steps); a setting may hold several overrides
+    compare_steps: int = 200  # steps from scratch whose losses are compared between settings (0: skip)
+    cpu_compare_steps: int = 20
+
+
+@dataclass
 class InspectConfig:
     checkpoint: str = MISSING  # run directory or checkpoint directory
 
@@ -198,6 +233,7 @@ def register_configs() -> None:
     cs.store(name="train_schema", node=Config)
     cs.store(name="sample_schema", node=SampleConfig)
     cs.store(name="inspect_schema", node=InspectConfig)
+    cs.store(name="bench_schema", node=BenchConfig)
 
 
 def to_object(cfg: DictConfig | Config) -> Config:

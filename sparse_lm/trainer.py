@@ -133,7 +133,19 @@ def setup(cfg: Config, run_dir: Path) -> Run:
         data = prepare(cfg.data)
     if data.meta["vocab_size"] > cfg.model.vocab_size:
         raise ValueError(f"the tokenizer has {data.meta['vocab_size']} tokens but model.vocab_size={cfg.model.vocab_size}")
+    run = build_run(cfg, run_dir, dist, data, accum)
+    if resume_from is not None:
+        restore(run, resume_from)
+    run.accel.after_step(run.step)
+    if cfg.train.compile:
+        run.train_model = torch.compile(run.train_model)
+    if dist.enabled:
+        run.train_model = DDP(run.train_model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+    return run
 
+
+def build_run(cfg: Config, run_dir: Path, dist: distributed.Dist, data: TokenData, accum: int) -> Run:
+    """Model, sparsifier, kernels and optimizer at step 0 (also used by kernels.bench on synthetic tokens)."""
     torch.manual_seed(cfg.train.seed)
     model = GPT(cfg.model).to(dist.device)
     sparsifier = Sparsifier(model, cfg.sparsity, cfg.train.max_steps)
@@ -141,15 +153,7 @@ def setup(cfg: Config, run_dir: Path) -> Run:
     accel = install(model, sparsifier, cfg.kernels, compute_dtype, tokens=cfg.train.micro_batch_size * cfg.model.ctx_len)
     optimizer = build_optimizer(model, cfg.optim, fused=dist.device.type == "cuda")
     sampler = ChunkSampler(data.train, cfg.model.ctx_len, cfg.train.seed)
-    run = Run(cfg, run_dir, dist, data, model, model, optimizer, sparsifier, accel, sampler, accum)
-    if resume_from is not None:
-        restore(run, resume_from)
-    accel.after_step(run.step)
-    if cfg.train.compile:
-        run.train_model = torch.compile(run.train_model)
-    if dist.enabled:
-        run.train_model = DDP(run.train_model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
-    return run
+    return Run(cfg, run_dir, dist, data, model, model, optimizer, sparsifier, accel, sampler, accum)
 
 
 def restore(run: Run, ckpt: Path) -> None:

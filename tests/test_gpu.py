@@ -18,3 +18,41 @@ def test_a_short_bf16_run_on_cuda(corpus, tmp_path):
     assert len(rows) == 8 and all(math.isfinite(r["loss"]) for r in rows) and rows[-1]["loss"] < rows[0]["loss"]
     _, params = inspect_checkpoint(run_dir)
     assert all(p.ok for p in params)
+
+
+def test_kernels_on_cuda_agree_with_their_references():
+    import torch
+    import torch.nn.functional as F
+
+    from kernels.abstopk import abstopk
+    from kernels.bench import sparse_weight
+    from kernels.compress import compress
+    from kernels.select import select_topk
+    from kernels.spmm import sparse_linear
+    from sparse_lm.model import abstopk as abstopk_reference
+    from sparse_lm.sparsity import projection_mask, protected_mask
+
+    w = sparse_weight((1024, 768), 0.01, "cuda")
+    k = int((w != 0).sum())
+    x = torch.randn(4096, 768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    weight = w.clone().requires_grad_(True)
+    y = sparse_linear(x, weight, None, compress(w, k, torch.bfloat16), compress(w.t(), k, torch.bfloat16), "triton")
+    ref = F.linear(x.float(), w)
+    assert (y.float() - ref).norm() / ref.norm() < 1e-2
+    y.float().sum().backward()
+    assert (x.grad.float() - w.sum(0)).norm() / w.sum(0).norm() / 64 < 1e-2
+
+    big = torch.randn(2048, 2048, device="cuda")
+    kk = 2048 * 2048 // 64
+    assert torch.equal(select_topk(big, kk, protected_mask(big, 4, 0))[0], projection_mask(big, kk, 4, 0))
+
+    a = torch.randn(8192, 4096, device="cuda")
+    assert torch.equal(abstopk(a, 1024), abstopk_reference(a, 1024))
+
+
+def test_a_short_run_with_every_kernel_on_cuda_tracks_the_reference(corpus, tmp_path):
+    common = ["train.device=cuda", "train.max_steps=20", "train.ckpt_interval=20", "sparsity.hidden_density=0.125"]
+    run_train(tmp_path / "dense", corpus, *common)
+    run_train(tmp_path / "fast", corpus, *common, "kernels=fast", "kernels.backend=triton")
+    ref, fast = ([r["loss"] for r in read_metrics(tmp_path / n / "metrics.jsonl") if "loss" in r] for n in ("dense", "fast"))
+    assert len(fast) == len(ref) == 20 and max(abs(a - b) for a, b in zip(ref, fast)) < 0.05
