@@ -73,30 +73,40 @@ def _compact_kernel(w_ptr, row_ptr_ptr, cols_ptr, vals_ptr, capacity, n_out_rows
         base += tl.sum(nz.to(tl.int32), axis=1)
 
 
-def compress(a: torch.Tensor, capacity: int, dtype: torch.dtype | None = None) -> Compressed:
+def compress(a: torch.Tensor, capacity: int, dtype: torch.dtype | None = None, out: Compressed | None = None) -> Compressed:
     """CSR copy of the 2-D tensor `a` (any strides: pass W.t() for the input-major copy).
 
-    `capacity` must be at least the number of nonzeros (the projection guarantees nnz ≤ k).
+    `capacity` must be at least the number of nonzeros (the projection guarantees nnz ≤ k). With `out` (a copy of
+    the same shape, dtype and at least this capacity) the arrays are rewritten in place: the same tensors every
+    step, which keeps torch.compile from recompiling.
     """
     rows, cols = a.shape
     dtype = dtype or a.dtype
-    counts = (a != 0).sum(dim=1, dtype=torch.int32)
-    row_ptr = torch.zeros(rows + 1, dtype=torch.int32, device=a.device)
-    torch.cumsum(counts, 0, out=row_ptr[1:])
-    order = torch.argsort(counts, descending=True, stable=True).to(torch.int32)
     capacity = max(capacity, 1)
+    if out is None or out.shape != (rows, cols) or out.vals.dtype != dtype or out.vals.numel() < capacity:
+        out = Compressed(
+            torch.zeros(rows + 1, dtype=torch.int32, device=a.device),
+            torch.zeros(capacity, dtype=index_dtype(cols), device=a.device),
+            torch.zeros(capacity, dtype=dtype, device=a.device),
+            torch.zeros(rows, dtype=torch.int32, device=a.device),
+            (rows, cols),
+        )
+    out._torch_csr = None
+    counts = (a != 0).sum(dim=1, dtype=torch.int32)
+    torch.cumsum(counts, 0, out=out.row_ptr[1:])
+    out.order.copy_(torch.argsort(counts, descending=True, stable=True))
+    capacity = out.vals.numel()
     if launchable(a):
-        col_idx = torch.zeros(capacity, dtype=index_dtype(cols), device=a.device)
-        vals = torch.zeros(capacity, dtype=dtype, device=a.device)
         block_c = min(256, triton.next_power_of_2(cols))
         grid = (triton.cdiv(rows, 16),)
-        _compact_kernel[grid](a, row_ptr, col_idx, vals, capacity, rows, cols, a.stride(0), a.stride(1), BLOCK_R=16, BLOCK_C=block_c)
-        return Compressed(row_ptr, col_idx, vals, order, (rows, cols))
+        _compact_kernel[grid](a, out.row_ptr, out.cols, out.vals, capacity, rows, cols, a.stride(0), a.stride(1), BLOCK_R=16, BLOCK_C=block_c)
+        return out
     # torch path: flat positions of the nonzeros in row-major order, scattered into a fixed-size buffer.
     flat = (a != 0).flatten()
     dest = torch.where(flat, flat.cumsum(0) - 1, capacity).clamp_(max=capacity)
     idx = torch.zeros(capacity + 1, dtype=torch.int64, device=a.device)
     idx.scatter_(0, dest, torch.arange(flat.numel(), device=a.device))
     idx = idx[:capacity]
-    vals = a.flatten()[idx].to(dtype)
-    return Compressed(row_ptr, (idx % cols).to(index_dtype(cols)), vals, order, (rows, cols))
+    out.cols.copy_(idx % cols)
+    out.vals.copy_(a.flatten()[idx])
+    return out

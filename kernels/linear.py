@@ -28,10 +28,10 @@ class SparseLinear(nn.Linear):
         """Switch to `mode`; for a sparse mode, rebuild the copies (values in `dtype`, the compute dtype)."""
         self.mode = mode
         if mode == "dense":
-            self.fwd = self.bwd = None
             return
-        self.fwd = compress(self.weight, capacity, dtype)
-        self.bwd = compress(self.weight.t(), capacity, dtype)
+        # In place once allocated (k only shrinks during the anneal), so compiled graphs stay valid.
+        self.fwd = compress(self.weight, capacity, dtype, out=self.fwd)
+        self.bwd = compress(self.weight.t(), capacity, dtype, out=self.bwd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "dense":

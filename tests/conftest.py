@@ -6,8 +6,10 @@ import os
 
 import torch
 
-# Without a GPU the Triton kernels run in Triton's interpreter, which must be chosen before kernels/ is imported.
-if not torch.cuda.is_available():
+# Kernel tests run on the GPU when there is one; without, in Triton's interpreter on the CPU, which must be
+# chosen before kernels/ is imported.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 import shutil
 import subprocess

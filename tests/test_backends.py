@@ -11,14 +11,14 @@ from sparse_lm.config import Backend, KernelsConfig, ModelConfig, OpImpl, Sparsi
 from sparse_lm.metrics import read_metrics
 from sparse_lm.model import GPT
 from sparse_lm.sparsity import Sparsifier
-from tests.conftest import run_train
+from tests.conftest import DEVICE, run_train
 
 ALL_TRITON = KernelsConfig(backend=Backend.triton, abstopk=OpImpl.triton, select=OpImpl.triton)
 
 
 def model_and_sparsifier(seed=0):
     torch.manual_seed(seed)
-    model = GPT(ModelConfig(vocab_size=64, ctx_len=12, n_layer=2, d_model=32, d_mlp=64))
+    model = GPT(ModelConfig(vocab_size=64, ctx_len=12, n_layer=2, d_model=32, d_mlp=64)).to(DEVICE)
     return model, Sparsifier(model, SparsityConfig(hidden_density=0.25, embed_density=0.5), total_steps=10)
 
 
@@ -34,7 +34,7 @@ def test_installed_kernels_give_the_reference_logits_and_gradients():
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ref_model.state_dict().values()))
     accel.after_step(10)
     assert set(accel.modes().values()) == {"triton"} and len(accel.modes()) == 8
-    idx = torch.randint(0, 64, (3, 12), generator=torch.Generator().manual_seed(1))
+    idx = torch.randint(0, 64, (3, 12), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     logits, loss = model(idx, idx)
     ref_logits, ref_loss = ref_model(idx, idx)
     torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
@@ -49,6 +49,8 @@ def test_layer_modes_follow_the_schedule_and_the_crossover():
     accel = install(model, sp, KernelsConfig(backend=Backend.auto, crossover=0.3), torch.float32)
     accel.after_step(0)
     assert set(accel.modes().values()) == {"dense"}  # dense phase
+    assert accel.on_gpu == (DEVICE == "cuda")
+    accel.on_gpu = False
     accel.after_step(10)
     assert set(accel.modes().values()) == {"dense"}  # auto never leaves dense on the CPU
     accel.on_gpu = True
@@ -78,3 +80,27 @@ def test_training_with_every_kernel_matches_the_reference_run(corpus, tmp_path):
         for key in ("loss", "val_loss"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], abs=1e-4), (a, b)
+
+
+def test_refreshing_the_compressed_copies_does_not_recompile_a_compiled_model():
+    import torch._dynamo
+
+    model, sp = model_and_sparsifier()
+    accel = install(model, sp, KernelsConfig(backend=Backend.triton), torch.float32)
+    compiled = torch.compile(model, backend="aot_eager")
+    idx = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    sp.apply(8)
+    accel.after_step(8)
+    compiled(idx, idx)[1].backward()
+    before = [id(layer.fwd.vals) for _, layer in accel.layers]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for step in (9, 10):
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(0.01 * torch.randn_like(p))
+            sp.apply(step)
+            accel.after_step(step)
+            logits, loss = compiled(idx, idx)
+            loss.backward()
+            torch.testing.assert_close(logits, model(idx)[0], rtol=1e-5, atol=1e-5)
+    assert [id(layer.fwd.vals) for _, layer in accel.layers] == before

@@ -14,12 +14,13 @@ from kernels.select import select_topk
 from kernels.spmm import sparse_linear, spmm
 from sparse_lm.model import abstopk as abstopk_reference
 from sparse_lm.sparsity import projection_mask, protected_mask
+from tests.conftest import DEVICE
 
 
 def sparse_matrix(rows, cols, density, seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(rows, cols, generator=g)
-    return (w * projection_mask(w, int(density * w.numel()))).to(dtype)
+    return (w * projection_mask(w, int(density * w.numel()))).to(dtype).to(DEVICE)
 
 
 # ---------------------------------------------------------------- AbsTopK
@@ -31,23 +32,23 @@ def test_abstopk_matches_topk_and_scatter(dtype, d, k):
     # Distinct magnitudes in every row (exact in fp16), so the reference's choice is unambiguous.
     g = torch.Generator().manual_seed(d)
     magnitudes = torch.stack([torch.randperm(d, generator=g) + 1 for _ in range(15)]).view(3, 5, d) / 128
-    x = (magnitudes * (torch.randint(0, 2, (3, 5, d), generator=g) * 2 - 1)).to(dtype)
+    x = (magnitudes * (torch.randint(0, 2, (3, 5, d), generator=g) * 2 - 1)).to(dtype).to(DEVICE)
     y = abstopk(x, k)
     assert torch.equal(y, abstopk_reference(x, k))
     assert ((y != 0).sum(-1) == k).all()
 
 
 def test_abstopk_ties_go_to_the_lowest_index_and_k_at_least_d_is_identity():
-    x = torch.tensor([[1.0, -1.0, 1.0, 0.5, -1.0, 0.2], [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
+    x = torch.tensor([[1.0, -1.0, 1.0, 0.5, -1.0, 0.2], [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]], device=DEVICE)
     _, keep = abstopk_op(x, 2)
     assert keep.tolist() == [[True, True, False, False, False, False], [True, True, False, False, False, False]]
     assert torch.equal(abstopk(x, 6), x) and torch.equal(abstopk(x, 9), x)
     with pytest.raises(ValueError, match="up to 8192"):
-        abstopk(torch.randn(1, 8193), 4)
+        abstopk(torch.randn(1, 8193, device=DEVICE), 4)
 
 
 def test_abstopk_gradient_flows_through_kept_entries_only():
-    x = torch.randn(4, 7, 40, requires_grad=True)
+    x = torch.randn(4, 7, 40, device=DEVICE, requires_grad=True)
     y = abstopk(x, 9)
     g = torch.randn_like(y)
     (y * g).sum().backward()
@@ -61,7 +62,7 @@ def test_abstopk_gradient_flows_through_kept_entries_only():
 def test_compressed_copies_hold_the_matrix_in_both_orientations(density):
     w = sparse_matrix(37, 70, density)
     w[5] = 0.0  # an empty row
-    w[9] = torch.arange(1, 71)  # a full row
+    w[9] = torch.arange(1, 71, device=DEVICE)  # a full row
     k = int((w != 0).sum())
     for a in (w, w.t()):
         c = compress(a, capacity=k + 3)
@@ -77,7 +78,7 @@ def test_compress_kernel_and_torch_path_agree(monkeypatch):
     w = sparse_matrix(29, 45, 0.2)
     k = int((w != 0).sum())
     fast = compress(w.t(), k, torch.float16)
-    monkeypatch.setattr(mod, "launchable", lambda t: False)
+    monkeypatch.setattr(mod, "launchable", lambda t: False)  # the torch path
     slow = compress(w.t(), k, torch.float16)
     for name in ("row_ptr", "cols", "vals", "order"):
         assert torch.equal(getattr(fast, name), getattr(slow, name)), name
@@ -94,9 +95,9 @@ def test_sparse_linear_matches_dense_values_and_gradients(impl, density):
     w[3] = 0.0
     k = max(1, int((w != 0).sum()))
     fwd, bwd = compress(w, k), compress(w.t(), k)
-    x = torch.randn(2, T // 2, K, requires_grad=True)
+    x = torch.randn(2, T // 2, K, device=DEVICE, requires_grad=True)
     weight = w.clone().requires_grad_(True)
-    bias = torch.randn(N, requires_grad=True)
+    bias = torch.randn(N, device=DEVICE, requires_grad=True)
     y = sparse_linear(x, weight, bias, fwd, bwd, impl)
     ref_x, ref_w, ref_b = (t.detach().clone().requires_grad_(True) for t in (x, w, bias))
     ref = F.linear(ref_x, ref_w, ref_b)
@@ -114,7 +115,7 @@ def test_sparse_linear_matches_dense_values_and_gradients(impl, density):
 def test_spmm_in_fp16_and_on_feature_major_input():
     w = sparse_matrix(40, 24, 0.1, dtype=torch.float16)
     c = compress(w, int((w != 0).sum()))
-    x = torch.randn(24, 50, dtype=torch.float16).t()  # strides (1, 50): feature-major
+    x = torch.randn(24, 50, dtype=torch.float16, device=DEVICE).t()  # strides (1, 50): feature-major
     y = spmm(x, c.row_ptr, c.cols, c.vals, c.order, 40)
     torch.testing.assert_close(y.float(), x.float() @ w.float().t(), rtol=1e-2, atol=1e-2)
 
@@ -127,6 +128,7 @@ def test_spmm_in_fp16_and_on_feature_major_input():
 def test_radix_select_keeps_the_reference_survivors(axis, ties):
     g = torch.Generator().manual_seed(7)
     w = torch.randint(-3, 4, (23, 50), generator=g).float() * 0.25 if ties else torch.randn(23, 50, generator=g)
+    w = w.to(DEVICE)
     j = 0 if axis is None else 3
     lowest = w.shape[axis] * j if axis is not None else 1
     for k in (lowest, (lowest + w.numel()) // 3, w.numel() - 1):
@@ -135,14 +137,14 @@ def test_radix_select_keeps_the_reference_survivors(axis, ties):
         assert torch.equal(got, ref) and int(got.sum()) == k
         again, _ = select_topk(w, k, protected_mask(w, j, axis), warm=thr)  # warm start at the right threshold
         assert torch.equal(again, ref)
-        stale, _ = select_topk(w, k, protected_mask(w, j, axis), warm=torch.tensor([0x3F800000], dtype=torch.int32))
+        stale, _ = select_topk(w, k, protected_mask(w, j, axis), warm=torch.tensor([0x3F800000], dtype=torch.int32, device=DEVICE))
         assert torch.equal(stale, ref)  # a warm start in the wrong place falls back to the full search
 
 
 def test_radix_select_edges():
-    w = torch.randn(9, 11)
+    w = torch.randn(9, 11, device=DEVICE)
     assert not select_topk(w, 0)[0].any() and select_topk(w, w.numel())[0].all()
-    z = torch.zeros(5, 8)
+    z = torch.zeros(5, 8, device=DEVICE)
     z[2, 3] = 1.0
     assert select_topk(z, 4)[0].flatten().nonzero().flatten().tolist() == [0, 1, 2, 19]  # 1.0, then zeros by index
 
@@ -150,12 +152,12 @@ def test_radix_select_edges():
 def test_warm_start_skips_the_full_passes_when_the_threshold_barely_moved():
     import kernels.select as mod
 
-    w = torch.randn(40, 40)
+    w = torch.randn(40, 40, device=DEVICE)
     _, thr = select_topk(w, 300)
     moved = w + 1e-5 * torch.randn_like(w)
-    state = torch.zeros(4, dtype=torch.int32)
+    state = torch.zeros(4, dtype=torch.int32, device=DEVICE)
     state[1], state[0:1], state[2] = 300, thr & mod._hi_mask(8), 16
-    hist = torch.zeros(512, dtype=torch.int32)
+    hist = torch.zeros(512, dtype=torch.int32, device=DEVICE)
     flat = moved.view(-1)
     mod._radix_pass[(2,)](flat, flat, flat.numel(), state, hist, SHIFT=8, HI_MASK=mod._hi_mask(8), LEVEL=16, WARM=True, HAS_PROT=False, BLOCK=1024)
     mod._radix_scan[(1,)](state, hist, 300, SHIFT=8, LEVEL=16, WARM=True)
@@ -166,7 +168,7 @@ def test_warm_start_skips_the_full_passes_when_the_threshold_barely_moved():
 
 
 def test_custom_ops_pass_opcheck():
-    x = torch.randn(6, 20, requires_grad=True)
+    x = torch.randn(6, 20, device=DEVICE, requires_grad=True)
     torch.library.opcheck(torch.ops.sparse_lm.abstopk.default, (x, 5))
     w = sparse_matrix(12, 20, 0.2)
     c = compress(w, int((w != 0).sum()))
@@ -181,6 +183,6 @@ def test_torch_compile_traces_the_kernels_without_graph_breaks():
     def layer(x):
         return abstopk(sparse_linear(x, weight, None, fwd, bwd, "triton"), 4)
 
-    x = torch.randn(10, 24)
+    x = torch.randn(10, 24, device=DEVICE)
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(x), layer(x))
