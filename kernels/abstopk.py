@@ -20,7 +20,7 @@ def _abstopk_kernel(x_ptr, y_ptr, keep_ptr, n_rows, d, k, ROWS: tl.constexpr, BL
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_D)
     inside = (rows[:, None] < n_rows) & (cols[None, :] < d)
-    offs = rows[:, None] * d + cols[None, :]
+    offs = rows.to(tl.int64)[:, None] * d + cols[None, :]  # int64: tokens × d may pass 2³¹
     x = tl.load(x_ptr + offs, mask=inside, other=0.0)
     # Non-negative floats order like their bit patterns: the magnitude bits are a sortable integer key.
     if MAG_BITS == 15:
@@ -44,6 +44,8 @@ def _abstopk_kernel(x_ptr, y_ptr, keep_ptr, n_rows, d, k, ROWS: tl.constexpr, BL
 
 def _launch(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     require_launchable(x, "AbsTopK")
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"fused AbsTopK takes fp32, bf16 or fp16, got {x.dtype}")
     d = x.shape[-1]
     if d > 8192:
         raise ValueError(f"fused AbsTopK handles rows of up to 8192 entries, got {d}")
@@ -63,13 +65,13 @@ def _launch(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 def abstopk_op(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(values with all but the top-k |x| per row zeroed, boolean mask of the kept entries)."""
     if k >= x.shape[-1]:
-        return x.clone(), torch.ones_like(x, dtype=torch.bool)
+        return x.contiguous().clone(), x.new_ones(x.shape, dtype=torch.bool)
     return _launch(x, k)
 
 
 @abstopk_op.register_fake
-def _(x, k):
-    return torch.empty_like(x), torch.empty_like(x, dtype=torch.bool)
+def _(x, k):  # outputs are contiguous whatever the input's strides
+    return x.new_empty(x.shape), x.new_empty(x.shape, dtype=torch.bool)
 
 
 def _setup_context(ctx, inputs, output):

@@ -63,7 +63,7 @@ def _compact_kernel(w_ptr, row_ptr_ptr, cols_ptr, vals_ptr, capacity, n_out_rows
     for c0 in range(0, n_out_cols, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         inside = row_in[:, None] & (c[None, :] < n_out_cols)
-        w = tl.load(w_ptr + rows[:, None] * stride_r + c[None, :] * stride_c, mask=inside, other=0.0)
+        w = tl.load(w_ptr + rows.to(tl.int64)[:, None] * stride_r + c[None, :] * stride_c, mask=inside, other=0.0)
         nz = (w != 0) & inside
         rank = tl.cumsum(nz.to(tl.int32), axis=1)
         dest = base[:, None] + rank - 1

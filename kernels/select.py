@@ -56,7 +56,7 @@ def _radix_pass(w_ptr, prot_ptr, n, state_ptr, hist_ptr, SHIFT: tl.constexpr, HI
         hist = tl.zeros((512,), dtype=tl.int32)
         above = tl.zeros((BLOCK,), dtype=tl.int32)
         for blk in range(tl.program_id(0), tl.cdiv(n, BLOCK), tl.num_programs(0)):
-            offs = blk * BLOCK + tl.arange(0, BLOCK)
+            offs = blk * BLOCK + tl.arange(0, BLOCK)  # n < 2³¹ (checked by select_topk)
             inside = offs < n
             key = _keys(w_ptr, prot_ptr, offs, inside, HAS_PROT)
             high = key & HI_MASK
@@ -98,7 +98,7 @@ def _radix_scan(state_ptr, hist_ptr, k, SHIFT: tl.constexpr, LEVEL: tl.constexpr
 
 @triton.jit
 def _select_strict(w_ptr, prot_ptr, n, state_ptr, keep_ptr, ties_ptr, HAS_PROT: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < n
     key = _keys(w_ptr, prot_ptr, offs, inside, HAS_PROT)
     thr = tl.load(state_ptr)
@@ -110,7 +110,7 @@ def _select_strict(w_ptr, prot_ptr, n, state_ptr, keep_ptr, ties_ptr, HAS_PROT: 
 def _select_ties(w_ptr, prot_ptr, n, state_ptr, keep_ptr, ties_ptr, before_ptr, HAS_PROT: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     if tl.load(ties_ptr + pid) > 0:
-        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         inside = offs < n
         key = _keys(w_ptr, prot_ptr, offs, inside, HAS_PROT)
         tied = inside & (key == tl.load(state_ptr))
@@ -122,6 +122,8 @@ def select_topk(w: torch.Tensor, k: int, protected: torch.Tensor | None = None, 
     """(mask of the k largest |w| with protected entries first, threshold key for the next warm start)."""
     require_launchable(w, "radix select")
     n = w.numel()
+    if n >= 2**31:
+        raise ValueError(f"radix select handles tensors of fewer than 2³¹ entries, got {n}")
     if k >= n or k <= 0:
         return torch.full(w.shape, k > 0, dtype=torch.bool, device=w.device), warm
     flat = w.detach().float().contiguous().view(-1)

@@ -20,13 +20,15 @@ from kernels.runtime import require_launchable
 @triton.jit
 def _spmm_kernel(x_ptr, y_ptr, row_ptr_ptr, cols_ptr, vals_ptr, order_ptr, T, N, stride_xt, stride_xk, stride_yt, stride_yn,
                  BT: tl.constexpr, BR: tl.constexpr, UNROLL: tl.constexpr):
-    pid_r, pid_t = tl.program_id(0), tl.program_id(1)
+    # One grid axis (the y axis is capped at 65535), row blocks fastest: neighbours share a token tile.
+    n_row_blocks = tl.cdiv(N, BR)
+    pid_r, pid_t = tl.program_id(0) % n_row_blocks, tl.program_id(0) // n_row_blocks
     r_idx = pid_r * BR + tl.arange(0, BR)
     r_in = r_idx < N
     rows = tl.load(order_ptr + r_idx, mask=r_in, other=0)
     start = tl.load(row_ptr_ptr + rows, mask=r_in, other=0)
     length = tl.load(row_ptr_ptr + rows + 1, mask=r_in, other=0) - start
-    t = pid_t * BT + tl.arange(0, BT)
+    t = pid_t.to(tl.int64) * BT + tl.arange(0, BT)  # int64: tokens × features may pass 2³¹
     t_in = t < T
     acc = tl.zeros((BT, BR), dtype=tl.float32)
     for j0 in range(0, tl.max(length, axis=0), UNROLL):
@@ -47,7 +49,7 @@ def spmm(x: torch.Tensor, row_ptr: torch.Tensor, cols: torch.Tensor, vals: torch
     T = x.shape[0]
     y = torch.empty((T, n_out), dtype=x.dtype, device=x.device)
     BT, BR = 64, 32
-    grid = (triton.cdiv(n_out, BR), triton.cdiv(T, BT))
+    grid = (triton.cdiv(n_out, BR) * triton.cdiv(T, BT),)
     _spmm_kernel[grid](x, y, row_ptr, cols, vals, order, T, n_out, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
                        BT=BT, BR=BR, UNROLL=2, num_warps=4)
     return y

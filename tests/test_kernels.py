@@ -45,6 +45,8 @@ def test_abstopk_ties_go_to_the_lowest_index_and_k_at_least_d_is_identity():
     assert torch.equal(abstopk(x, 6), x) and torch.equal(abstopk(x, 9), x)
     with pytest.raises(ValueError, match="up to 8192"):
         abstopk(torch.randn(1, 8193, device=DEVICE), 4)
+    with pytest.raises(TypeError, match="fp32, bf16 or fp16"):
+        abstopk(torch.randn(2, 8, device=DEVICE, dtype=torch.float64), 2)
 
 
 def test_abstopk_gradient_flows_through_kept_entries_only():
@@ -170,6 +172,8 @@ def test_warm_start_skips_the_full_passes_when_the_threshold_barely_moved():
 def test_custom_ops_pass_opcheck():
     x = torch.randn(6, 20, device=DEVICE, requires_grad=True)
     torch.library.opcheck(torch.ops.sparse_lm.abstopk.default, (x, 5))
+    torch.library.opcheck(torch.ops.sparse_lm.abstopk.default, (torch.randn(20, 6, device=DEVICE).t(), 5))  # strided
+    torch.library.opcheck(torch.ops.sparse_lm.abstopk.default, (x.detach().t(), 9))  # k ≥ d: the copy path
     w = sparse_matrix(12, 20, 0.2)
     c = compress(w, int((w != 0).sum()))
     torch.library.opcheck(torch.ops.sparse_lm.spmm.default, (x.detach(), c.row_ptr, c.cols, c.vals, c.order, 12))
