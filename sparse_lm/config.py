@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Optional
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -224,6 +224,41 @@ class BenchConfig:
 
 
 @dataclass
+class EdgeConventions:
+    """Which connections count as circuit edges besides nonzero weights between kept nodes (circuits/edges.py)."""
+
+    qk_pairs: bool = True  # a kept q channel and the kept k channel it meets in the dot product
+    embedding: bool = True  # wte entries of the task's tokens on residual channels the circuit reads
+    unembedding: bool = True  # lm_head entries of the two answers on residual channels the circuit writes
+    residual: bool = False  # a kept write and a later kept read of the same residual channel
+
+
+@dataclass
+class PruneConfig:
+    """`python -m sparse_lm.prune checkpoint=<run dir or checkpoint> tasks=all` (SPEC §5)."""
+
+    checkpoint: str = MISSING
+    tasks: Any = "all"  # all, one task name, or a list [name, ...]
+    out_dir: Optional[str] = None  # default: <run dir>/circuits/<checkpoint name>
+    target: float = 0.15  # held-out task loss per side a circuit must reach
+    n_train: int = 1000
+    n_test: int = 200
+    n_calib: int = 256  # training pairs the logit scale/shift is fitted on
+    steps: int = 400  # mask-training steps per task
+    batch_pairs: int = 16
+    lr: float = 3e-3
+    weight_decay: float = 1e-3
+    lam: float = 1e-4  # penalty per kept node
+    tau_init: float = 0.1
+    mean_sequences: int = 64  # pretraining sequences the ablation means are taken over
+    seed: int = 0
+    device: str = "cpu"
+    random_init: bool = False  # also prune a random-init model of the same shape and sparsity (control)
+    check: bool = True  # necessity: ablate the circuit from the full model, which should then fail
+    edges: EdgeConventions = field(default_factory=EdgeConventions)
+
+
+@dataclass
 class InspectConfig:
     checkpoint: str = MISSING  # run directory or checkpoint directory
 
@@ -234,6 +269,7 @@ def register_configs() -> None:
     cs.store(name="sample_schema", node=SampleConfig)
     cs.store(name="inspect_schema", node=InspectConfig)
     cs.store(name="bench_schema", node=BenchConfig)
+    cs.store(name="prune_schema", node=PruneConfig)
 
 
 def to_object(cfg: DictConfig | Config) -> Config:

@@ -1,0 +1,108 @@
+"""Edges of a circuit: nonzero weight entries that join two kept nodes.
+
+Always counted, per layer:
+  attn.qkv  c_attn[o, i]:       attn.in[i] → q/k/v[o]
+  attn.out  attn c_proj[o, c]:  v[c] → attn.out[o] (the head's output channel c carries v channel c)
+  mlp.in    c_fc[n, i]:         mlp.in[i] → mlp.neuron[n]
+  mlp.out   mlp c_proj[o, n]:   mlp.neuron[n] → mlp.out[o]
+Switchable conventions (stated with every count):
+  qk_pairs     a kept q channel and the kept k channel it is dotted with (same index, same head) count as one edge
+  embedding    wte[t, r] for the tokens t of the task's contexts and residual channels r some kept node reads
+  unembedding  lm_head[a or b, r] for the two answers and residual channels r some kept node writes
+  residual     each kept write to residual channel r and each later kept read of r count as one edge
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from sparse_lm.circuits.nodes import PRUNE_SITES, READS, WRITES
+from sparse_lm.config import EdgeConventions
+
+
+def describe(conv: EdgeConventions) -> str:
+    return ", ".join(f"{k}={'on' if v else 'off'}" for k, v in asdict(conv).items())
+
+
+@dataclass
+class Edge:
+    src: str  # node label, e.g. "0.mlp.neuron[3]" or "token 'x'"
+    dst: str
+    weight: float
+    kind: str
+
+
+def _mask(kept: dict[str, list[int]], site: str, dim: int) -> torch.Tensor:
+    m = torch.zeros(dim, dtype=torch.bool)
+    m[kept.get(site, [])] = True
+    return m
+
+
+def circuit_edges(weights: dict[str, torch.Tensor], n_layer: int, d_head: int, kept: dict[str, list[int]],
+                  tokens: list[int], answers: tuple[int, int], conv: EdgeConventions, token_text=str) -> list[Edge]:
+    """Every edge of the circuit `kept` (site → kept channel indices) under `conv`."""
+    edges: list[Edge] = []
+
+    def matrix(w: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, src: str, dst: str, kind: str, col_offset=0, row_offset=0):
+        sub = w * rows[:, None] * cols[None, :]
+        for o, i in (sub != 0).nonzero().tolist():
+            edges.append(Edge(f"{src}[{i - col_offset}]", f"{dst}[{o - row_offset}]", float(w[o, i]), kind))
+
+    d_model = weights["wte.weight"].shape[1]
+    for layer in range(n_layer):
+        p = f"blocks.{layer}."
+        c_attn = weights[p + "attn.c_attn.weight"]
+        width = c_attn.shape[0] // 3
+        site = {s: f"{layer}.{s}" for s in PRUNE_SITES}
+        read_attn = _mask(kept, site["attn.in"], d_model)
+        q, k, v = (_mask(kept, site[s], width) for s in ("attn.q", "attn.k", "attn.v"))
+        for part, (name, m) in enumerate((("attn.q", q), ("attn.k", k), ("attn.v", v))):
+            rows = torch.zeros(3 * width, dtype=torch.bool)
+            rows[part * width : (part + 1) * width] = m
+            matrix(c_attn, rows, read_attn, site["attn.in"], site[name], "attn.qkv", row_offset=part * width)
+        if conv.qk_pairs:
+            for c in (q & k).nonzero().flatten().tolist():
+                edges.append(Edge(f"{site['attn.q']}[{c}]", f"{site['attn.k']}[{c}]", 1.0, "attn.qk"))
+        matrix(weights[p + "attn.c_proj.weight"], _mask(kept, site["attn.out"], d_model), v, site["attn.v"], site["attn.out"], "attn.out")
+        d_mlp = weights[p + "mlp.c_fc.weight"].shape[0]
+        neuron = _mask(kept, site["mlp.neuron"], d_mlp)
+        matrix(weights[p + "mlp.c_fc.weight"], neuron, _mask(kept, site["mlp.in"], d_model), site["mlp.in"], site["mlp.neuron"], "mlp.in")
+        matrix(weights[p + "mlp.c_proj.weight"], _mask(kept, site["mlp.out"], d_model), neuron, site["mlp.neuron"], site["mlp.out"], "mlp.out")
+
+    residual_order = [f"{layer}.{s}" for layer in range(n_layer) for s in PRUNE_SITES if s in READS + WRITES]
+    read = torch.zeros(d_model, dtype=torch.bool)  # residual channels some kept node reads
+    written = torch.zeros(d_model, dtype=torch.bool)  # ... and writes
+    for layer in range(n_layer):
+        for s in READS:
+            read |= _mask(kept, f"{layer}.{s}", d_model)
+        for s in WRITES:
+            written |= _mask(kept, f"{layer}.{s}", d_model)
+    if conv.embedding:
+        wte = weights["wte.weight"]
+        for t in sorted(set(tokens)):
+            for r in (read & (wte[t] != 0)).nonzero().flatten().tolist():
+                edges.append(Edge(f"token {token_text(t)!r}", f"resid[{r}]", float(wte[t, r]), "embedding"))
+    if conv.unembedding:
+        head = weights["lm_head.weight"]
+        for a in answers:
+            for r in (written & (head[a] != 0)).nonzero().flatten().tolist():
+                edges.append(Edge(f"resid[{r}]", f"answer {token_text(a)!r}", float(head[a, r]), "unembedding"))
+    if conv.residual:
+        for i, w_site in enumerate(residual_order):
+            if w_site.split(".", 1)[1] not in WRITES:
+                continue
+            for r in kept.get(w_site, []):
+                for r_site in residual_order[i + 1 :]:
+                    if r_site.split(".", 1)[1] in READS and r in kept.get(r_site, []):
+                        edges.append(Edge(f"{w_site}[{r}]", f"{r_site}[{r}]", 1.0, "residual"))
+    return edges
+
+
+def count_by_kind(edges: list[Edge]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for e in edges:
+        counts[e.kind] = counts.get(e.kind, 0) + 1
+    counts["total"] = len(edges)
+    return counts

@@ -1,0 +1,70 @@
+"""The node space: one node per channel of each prunable activation site, in forward order.
+
+Per layer: the attention's read of the residual (`attn.in`), its q, k and v channels, its write to the residual
+(`attn.out`), the MLP's read (`mlp.in`), its neurons (`mlp.neuron`) and its write (`mlp.out`). A flat vector
+over all nodes (a mask, a score) splits into one tensor per site.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from sparse_lm.hooks import blend, patch
+from sparse_lm.model import GPT
+
+PRUNE_SITES = ("attn.in", "attn.q", "attn.k", "attn.v", "attn.out", "mlp.in", "mlp.neuron", "mlp.out")
+READS = ("attn.in", "mlp.in")  # sites that read the residual stream
+WRITES = ("attn.out", "mlp.out")  # sites that write to it
+
+
+@dataclass
+class NodeSpace:
+    sites: list[str]  # e.g. "2.mlp.neuron"
+    dims: list[int]
+
+    @classmethod
+    def of(cls, model: GPT) -> NodeSpace:
+        c = model.cfg
+        width = (c.d_model // c.d_head) * c.d_head
+        dim = {"attn.in": c.d_model, "attn.q": width, "attn.k": width, "attn.v": width, "attn.out": c.d_model,
+               "mlp.in": c.d_model, "mlp.neuron": c.d_mlp, "mlp.out": c.d_model}
+        sites = [f"{layer}.{s}" for layer in range(c.n_layer) for s in PRUNE_SITES]
+        return cls(sites, [dim[s.split(".", 1)[1]] for s in sites])
+
+    @property
+    def total(self) -> int:
+        return sum(self.dims)
+
+    def split(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        return dict(zip(self.sites, torch.split(flat, self.dims)))
+
+    def label(self, i: int) -> str:
+        for site, dim in zip(self.sites, self.dims):
+            if i < dim:
+                return f"{site}[{i}]"
+            i -= dim
+        raise IndexError(i)
+
+    def kept(self, keep: torch.Tensor) -> dict[str, list[int]]:
+        """Channel indices kept at each site (sites with none are left out)."""
+        out = {}
+        for site, k in self.split(keep).items():
+            idx = (k > 0.5).nonzero().flatten().tolist()
+            if idx:
+                out[site] = idx
+        return out
+
+
+@contextmanager
+def ablated(model: GPT, space: NodeSpace, keep: torch.Tensor, means: dict[str, torch.Tensor]):
+    """Forward passes inside the block see every node with keep = 0 replaced by its mean (mean ablation).
+
+    `keep` may be soft or carry gradients (straight-through masks): each site computes keep·x + (1 − keep)·mean.
+    """
+    keeps = space.split(keep)
+    fns = {site: (lambda x, k=keeps[site], m=means[site]: blend(x, k, m)) for site in space.sites}
+    with patch(model, fns):
+        yield

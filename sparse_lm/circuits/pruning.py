@@ -1,0 +1,146 @@
+"""Pruning a model to a task's circuit (SPEC §5).
+
+1. Means: every node's mean activation over pretraining data; a pruned node is replaced by it.
+2. Mask training: one real τ per node, clamped to [−1, 1]. The forward pass keeps a node when τ ≥ 0 (a hard
+   step); the backward pass uses the sigmoid's derivative instead (straight-through). The objective is the
+   task loss plus λ·(number of kept nodes).
+3. Bisection: nodes ordered by τ, find the smallest number kept whose held-out task loss is at most the target.
+   Each candidate's loss is measured after a logit scale and shift fitted on training pairs (a few LBFGS steps).
+
+Task loss: cross-entropy restricted to the two answer tokens, per side (the mean over A and B contexts).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from sparse_lm.circuits.nodes import NodeSpace, ablated
+from sparse_lm.hooks import record
+from sparse_lm.model import GPT
+from sparse_lm.tasks import TaskData
+
+
+@torch.no_grad()
+def site_means(model: GPT, sites: list[str], tokens: torch.Tensor, batch: int = 16) -> dict[str, torch.Tensor]:
+    """Mean of every site's channels over all positions of `tokens` [n, T]."""
+    sums, count = {}, 0
+    for chunk in tokens.split(batch):
+        with record(model, sites) as acts:
+            model(chunk)
+        for site in sites:
+            s = acts[site].float().sum(dim=(0, 1))
+            sums[site] = sums[site] + s if site in sums else s
+        count += chunk.numel()
+    return {site: s / count for site, s in sums.items()}
+
+
+def logit_diff(model: GPT, data: TaskData, batch: int = 256) -> torch.Tensor:
+    """logit(a) − logit(b) at the last position of every context [2n]."""
+    out = []
+    for start in range(0, data.tokens.shape[0], batch):
+        tokens, lengths = data.tokens[start : start + batch], data.lengths[start : start + batch]
+        T = int(lengths.max())
+        logits, _ = model(tokens[:, :T])  # right padding never reaches earlier positions (causal)
+        last = logits[torch.arange(len(lengths)), lengths - 1]
+        out.append(last[:, data.answers[0]] - last[:, data.answers[1]])
+    return torch.cat(out)
+
+
+def side_losses(delta: torch.Tensor, scale=1.0, shift=0.0) -> torch.Tensor:
+    """Two-way cross-entropy per context: A sides (first half) want a, B sides want b."""
+    z = scale * delta.float() + shift
+    n = len(z) // 2
+    return torch.cat([F.softplus(-z[:n]), F.softplus(z[n:])])
+
+
+def calibrate(delta: torch.Tensor, steps: int = 20) -> tuple[float, float]:
+    """Logit scale and shift minimising the task loss on `delta` (LBFGS)."""
+    params = torch.tensor([1.0, 0.0], requires_grad=True)
+    opt = torch.optim.LBFGS([params], max_iter=steps, line_search_fn="strong_wolfe")
+    delta = delta.detach().float()
+
+    def closure():
+        opt.zero_grad()
+        loss = side_losses(delta, params[0], params[1]).mean()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    scale, shift = params.detach().tolist()
+    return scale, shift
+
+
+def straight_through(tau: torch.Tensor) -> torch.Tensor:
+    """Forward: 1[τ ≥ 0]. Backward: d/dτ sigmoid(τ)."""
+    soft = torch.sigmoid(tau)
+    return (tau >= 0).to(tau.dtype) + soft - soft.detach()
+
+
+@dataclass
+class MaskTraining:
+    steps: int = 400
+    batch_pairs: int = 16
+    lr: float = 3e-3
+    weight_decay: float = 1e-3
+    lam: float = 1e-4  # penalty per kept node
+    tau_init: float = 0.1
+    seed: int = 0
+
+
+def train_masks(model: GPT, space: NodeSpace, means: dict, train: TaskData, cfg: MaskTraining,
+                progress: Callable[[int, float, int], None] | None = None) -> torch.Tensor:
+    """τ for every node after `cfg.steps` steps of AdamW on task loss + λ·kept (model weights frozen)."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    tau = (cfg.tau_init + 0.01 * torch.randn(space.total, generator=g)).requires_grad_(True)
+    opt = torch.optim.AdamW([tau], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    for step in range(cfg.steps):
+        pick = torch.randint(train.n_pairs, (cfg.batch_pairs,), generator=g)
+        batch = train.select(pick)
+        keep = straight_through(tau)
+        with ablated(model, space, keep, means):
+            task = side_losses(logit_diff(model, batch)).mean()
+        loss = task + cfg.lam * keep.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            tau.clamp_(-1.0, 1.0)
+        if progress is not None:
+            progress(step, task.item(), int((tau >= 0).sum()))
+    return tau.detach()
+
+
+def keep_top(order: torch.Tensor, n: int, total: int) -> torch.Tensor:
+    keep = torch.zeros(total)
+    keep[order[:n]] = 1.0
+    return keep
+
+
+@torch.no_grad()
+def evaluate(model: GPT, space: NodeSpace, means: dict, keep: torch.Tensor, calib: TaskData, test: TaskData) -> dict:
+    """Held-out task loss per side with `keep`, raw and after a logit calibration fitted on `calib`."""
+    with ablated(model, space, keep, means):
+        scale, shift = calibrate(logit_diff(model, calib))
+        delta = logit_diff(model, test)
+    return {"loss": side_losses(delta, scale, shift).mean().item(), "raw_loss": side_losses(delta).mean().item(),
+            "scale": scale, "shift": shift, "accuracy": (side_losses(delta, scale, shift) < 0.6931).float().mean().item()}
+
+
+def smallest_passing(passes: Callable[[int], bool], total: int) -> int | None:
+    """Smallest n in [0, total] with passes(n), assuming passing is monotone in n; None if total fails."""
+    if not passes(total):
+        return None
+    if passes(0):
+        return 0
+    lo, hi = 0, total  # passes(lo) is False, passes(hi) is True
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if passes(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi

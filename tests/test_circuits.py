@@ -1,0 +1,192 @@
+"""Circuit pruning (SPEC §5): tasks, straight-through masks, mean ablation, bisection, edges, and a planted circuit."""
+
+import json
+
+import pytest
+import torch
+
+from sparse_lm.circuits.edges import circuit_edges, count_by_kind
+from sparse_lm.circuits.nodes import NodeSpace, ablated
+from sparse_lm.circuits.pruning import smallest_passing, straight_through
+from sparse_lm.config import Activation, DataConfig, EdgeConventions, ModelConfig, PruneConfig
+from sparse_lm.hooks import record
+from sparse_lm.model import GPT
+from sparse_lm.prune import find_circuit, site_means
+from sparse_lm.tasks import NAMES, TASKS, TaskData, TaskTokenError, _pool, build, generate
+
+# ---------------------------------------------------------------- a model with a planted circuit
+
+A, B, a, b = 0, 1, 6, 7  # context tokens that decide the answer, and the two answers
+R_IN, R_OUT, NEURON = 0, 1, 0  # residual channel read, residual channel written, the deciding neuron
+
+
+def planted_model() -> GPT:
+    """One layer. Path: token A/B → residual channel 0 → neuron 0 (ReLU, fires for A) → residual channel 1 → a vs b.
+
+    Distractors: random residual channels 2–5 on every token, neuron 1 that fires for B but writes channel 6,
+    neurons 2–3 that read the noise channels and write channels 7–8, and an attention block that does nothing.
+    """
+    cfg = ModelConfig(vocab_size=8, ctx_len=8, n_layer=1, d_model=16, d_head=16, d_mlp=8, activation=Activation.relu,
+                      attn_sink=False, bigram=False, topk_sites=[])
+    model = GPT(cfg)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        model.blocks[0].norm1.weight.fill_(1)
+        model.blocks[0].norm2.weight.fill_(1)
+        model.norm_f.weight.fill_(1)
+        model.wte.weight[:, 2:6] = 0.3 * torch.randn(8, 4, generator=g)
+        # A and B differ only in channel 0: otherwise the RMS norms would carry which one it was (through their
+        # scale), a real second path that a calibrated readout can pick up.
+        model.wte.weight[B, 2:6] = model.wte.weight[A, 2:6]
+        model.wte.weight[A, R_IN], model.wte.weight[B, R_IN] = 1.0, -1.0
+        fc, proj = model.blocks[0].mlp.c_fc.weight, model.blocks[0].mlp.c_proj.weight
+        fc[NEURON, R_IN], proj[R_OUT, NEURON] = 1.0, 10.0
+        fc[1, R_IN], proj[6, 1] = -1.0, 0.5
+        fc[2, 2], proj[7, 2] = 1.0, 0.5
+        fc[3, 3], proj[8, 3] = 1.0, 0.5
+        model.lm_head.weight[a, R_OUT], model.lm_head.weight[b, R_OUT] = 1.0, -1.0
+    return model.eval().requires_grad_(False)
+
+
+def planted_task(n: int, seed: int) -> TaskData:
+    g = torch.Generator().manual_seed(seed)
+    prefix = torch.randint(2, 6, (n, 5), generator=g)
+    tokens = torch.cat([torch.cat([prefix, torch.full((n, 1), A)], 1), torch.cat([prefix, torch.full((n, 1), B)], 1)])
+    return TaskData("planted", (a, b), ("a", "b"), tokens, torch.full((2 * n,), 6))
+
+
+def test_pruning_recovers_exactly_the_planted_circuit_and_its_edges():
+    model = planted_model()
+    space = NodeSpace.of(model)
+    pretraining = torch.randint(0, 6, (64, 8), generator=torch.Generator().manual_seed(1))
+    means = site_means(model, space.sites, pretraining)
+    cfg = PruneConfig(checkpoint="-", steps=300, n_calib=64, batch_pairs=16, seed=0)
+    res = find_circuit(model, means, planted_task(256, 2), planted_task(100, 3), cfg, log=lambda _: None)
+    assert res["solved"] and res["circuit"]["loss"] <= 0.15
+    assert res["kept"] == {"0.mlp.in": [R_IN], "0.mlp.neuron": [NEURON], "0.mlp.out": [R_OUT]}
+    assert res["nodes"] == 3 and res["necessary"]  # the full model without these three fails
+    weights = model.state_dict()
+    edges = circuit_edges(weights, 1, 16, res["kept"], [2, 3, 4, 5, A, B], (a, b), EdgeConventions())
+    assert count_by_kind(edges) == {"mlp.in": 1, "mlp.out": 1, "embedding": 2, "unembedding": 2, "total": 6}
+    bare = EdgeConventions(qk_pairs=False, embedding=False, unembedding=False, residual=True)
+    assert count_by_kind(circuit_edges(weights, 1, 16, res["kept"], [A, B], (a, b), bare)) == {"mlp.in": 1, "mlp.out": 1, "total": 2}
+
+
+# ---------------------------------------------------------------- the pieces on their own
+
+
+def test_straight_through_steps_forward_and_uses_the_sigmoid_slope_backward():
+    tau = torch.tensor([-0.5, 0.0, 0.3], requires_grad=True)
+    keep = straight_through(tau)
+    assert keep.tolist() == [0.0, 1.0, 1.0]
+    keep.sum().backward()
+    s = torch.sigmoid(tau.detach())
+    assert torch.allclose(tau.grad, s * (1 - s))
+
+
+def test_mean_ablation_replaces_exactly_the_dropped_channels():
+    model = planted_model()
+    space = NodeSpace.of(model)
+    idx = planted_task(4, 0).tokens
+    means = {site: torch.arange(dim, dtype=torch.float32) + 100 for site, dim in zip(space.sites, space.dims)}
+    keep = torch.ones(space.total)
+    neuron_offset = sum(space.dims[: space.sites.index("0.mlp.neuron")])
+    keep[neuron_offset + 2] = 0
+    with record(model, ["0.mlp.neuron"]) as clean:
+        model(idx)
+    with ablated(model, space, keep, means), record(model, ["0.mlp.neuron"]) as acts:
+        model(idx)
+    got, ref = acts["0.mlp.neuron"], clean["0.mlp.neuron"]
+    assert (got[..., 2] == 102).all()
+    assert torch.equal(got[..., [0, 1, 3, 4, 5, 6, 7]], ref[..., [0, 1, 3, 4, 5, 6, 7]])
+
+
+def test_bisection_finds_the_smallest_passing_size():
+    calls = []
+
+    def passes(n):
+        calls.append(n)
+        return n >= 37
+
+    assert smallest_passing(passes, 1000) == 37 and len(calls) <= 13
+    assert smallest_passing(lambda n: n >= 0, 50) == 0
+    assert smallest_passing(lambda n: False, 50) is None
+
+
+def test_edges_count_qk_pairs_and_residual_links_when_asked():
+    model = planted_model()
+    kept = {"0.attn.q": [3, 4], "0.attn.k": [4, 9], "0.attn.out": [5], "0.mlp.in": [5], "0.mlp.neuron": [0], "0.mlp.out": [1]}
+    conv = EdgeConventions(qk_pairs=True, embedding=False, unembedding=False, residual=True)
+    counts = count_by_kind(circuit_edges(model.state_dict(), 1, 16, kept, [A], (a, b), conv))
+    assert counts["attn.qk"] == 1  # q[4]·k[4]; q[3] and k[9] have no partner
+    assert counts["residual"] == 1  # attn.out[5] → mlp.in[5]
+    assert "mlp.in" not in counts  # c_fc[0, 5] is zero: no edge however both ends are kept
+
+
+# ---------------------------------------------------------------- the task suite
+
+
+@pytest.fixture(scope="module")
+def stdlib_tokenizer(cache_dir):
+    from sparse_lm.data.cache import prepare
+    from sparse_lm.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(prepare(DataConfig(cache_dir=str(cache_dir))).tokenizer_path)
+
+
+def test_every_task_poses_single_token_answers_with_the_default_tokenizer(stdlib_tokenizer):
+    assert len(TASKS) >= 12
+    for task in TASKS:
+        train, test = build(task, stdlib_tokenizer, "train", 1000), build(task, stdlib_tokenizer, "test", 200)
+        assert train.n_pairs == 1000 and test.n_pairs == 200, task
+        assert train.answers == test.answers and train.answers[0] != train.answers[1]
+        # the two sides of a pair share their last token: the answer is not readable off it alone
+        n = train.n_pairs
+        last = train.tokens[torch.arange(2 * n), train.lengths - 1]
+        assert torch.equal(last[:n], last[n:]), task
+
+
+def test_held_out_pairs_use_names_never_seen_in_training():
+    train_names, test_names = set(_pool(NAMES, "train")), set(_pool(NAMES, "test"))
+    assert not train_names & test_names
+    for task in ("set_or_string", "list_or_dict_use", "loop_unpacking"):
+        test_text = " ".join(ctx for pair in generate(task, "test", 200) for ctx, _ in pair)
+        words = set(test_text.replace("\n", " ").replace("(", " ").replace(")", " ").split())
+        assert not (words & train_names), task
+    assert generate("bracket_counting", "train", 50, seed=1) == generate("bracket_counting", "train", 50, seed=1)
+
+
+def test_a_tokenizer_that_splits_an_answer_is_refused_naming_the_task_and_answers(corpus, tmp_path):
+    from sparse_lm.data.tokenizer import train_tokenizer
+
+    bytes_only = train_tokenizer([p.read_text() for p in sorted(corpus.glob("*.py"))[:5]], 257)  # no merges
+    with pytest.raises(TaskTokenError, match=r"task paren_depth: answers must be one token per side and differ, got A=\['\)'\] B=\['\)'\]"):
+        build("paren_depth", bytes_only, "train", 50)  # '))' and ')' both begin with ')'
+    with pytest.raises(TaskTokenError, match="task bracket_counting"):
+        build("bracket_counting", bytes_only, "train", 50)
+
+
+def test_prune_command_writes_circuits_pictures_and_a_summary(tiny_run, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    out = tmp_path / "circuits"
+    cmd = [sys.executable, "-m", "sparse_lm.prune", str(tiny_run), "tasks=[dict_or_list_literal,single_double_quote]",
+           f"out_dir={out}", "steps=20", "n_train=64", "n_test=32", "n_calib=32", "target=0.7", "random_init=true"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[trained model 1/2] dict_or_list_literal" in proc.stdout and "geometric mean" in proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert [t["task"] for t in summary["tasks"]] == ["dict_or_list_literal", "single_double_quote"]
+    for task in summary["solved"]:
+        res = json.loads((out / f"{task}.json").read_text())
+        assert res["edges"]["total"] == len(res["edge_list"]) and res["nodes"] == sum(len(v) for v in res["kept"].values())
+        assert (out / f"{task}.png").stat().st_size > 5_000
+        page = (out / f"{task}.html").read_text()
+        assert "<svg" in page and "http" not in page.replace("http://www.w3.org/2000/svg", "")  # self-contained
+    assert json.loads((out / "random_init" / "summary.json").read_text())["label"] == "random-init control"
+    assert (tiny_run / "checkpoints" / "step-000040" / "site_means-64.pt").exists()  # cached for the next run
