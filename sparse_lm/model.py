@@ -190,8 +190,11 @@ class GPT(nn.Module):
             else:  # attention sink logits
                 p.zero_()
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        """idx: [B, T] token ids. Returns (logits [B, T, vocab], loss or None)."""
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, last: torch.Tensor | None = None):
+        """idx: [B, T] token ids. Returns (logits [B, T, vocab], loss or None).
+
+        With `last` [B] (a position per row), only those positions reach the unembedding: logits are [B, vocab].
+        """
         T = idx.shape[1]
         if T > self.cfg.ctx_len:
             raise ValueError(f"sequence length {T} exceeds model.ctx_len={self.cfg.ctx_len}")
@@ -200,6 +203,9 @@ class GPT(nn.Module):
             x = x + self.wpe(torch.arange(T, device=idx.device))
         for block in self.blocks:
             x = block(x)
+        if last is not None:
+            rows = torch.arange(idx.shape[0], device=idx.device)
+            x, idx = x[rows, last], idx[rows, last]
         logits = self.lm_head(self.norm_f(x))
         if self.bigram is not None:
             # F.embedding rather than bigram[idx]: its CPU backward is deterministic (index_put's is not).

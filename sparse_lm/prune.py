@@ -33,16 +33,22 @@ from sparse_lm.model import GPT
 from sparse_lm.tasks import TASKS, TaskData, TaskTokenError, build
 
 
-def find_circuit(model: GPT, means: dict, train: TaskData, test: TaskData, cfg: PruneConfig, log=print) -> dict:
-    """Train masks on `train`, bisect on `test`; the result holds the circuit's nodes and losses."""
+def find_circuit(model: GPT, means: dict, train: TaskData, test: TaskData, cfg: PruneConfig, log=print,
+                 control: bool = False) -> dict:
+    """Train masks on `train`, bisect on `test`; the result holds the circuit's nodes and losses.
+
+    A trained model that fails a task whole gets no circuit. A `control` model (random init) is pruned anyway:
+    whether masks can make it pass is what the control measures.
+    """
     space = NodeSpace.of(model)
     calib = train.subset(cfg.n_calib)
     full = evaluate(model, space, means, torch.ones(space.total), calib, test)
     result = {"task": train.name, "answers": list(train.answer_text), "full": full, "solved": full["loss"] <= cfg.target,
               "total_nodes": space.total}
     if not result["solved"]:
-        log(f"  the full model does not solve it (loss {full['loss']:.3f} > {cfg.target}): no circuit")
-        return result
+        log(f"  the full model does not solve it (loss {full['loss']:.3f} > {cfg.target})" + ("" if control else ": no circuit"))
+        if not control:
+            return result
     mask_cfg = MaskTraining(cfg.steps, cfg.batch_pairs, cfg.lr, cfg.weight_decay, cfg.lam, cfg.tau_init, cfg.seed)
 
     def progress(step, loss, kept):
@@ -51,14 +57,19 @@ def find_circuit(model: GPT, means: dict, train: TaskData, test: TaskData, cfg: 
 
     tau = train_masks(model, space, means, train, mask_cfg, progress)
     order = torch.argsort(tau, descending=True, stable=True)
-    cache = {}
+    cache = {space.total: full}
 
     def loss_at(n: int) -> dict:
         if n not in cache:
             cache[n] = evaluate(model, space, means, keep_top(order, n, space.total), calib, test)
         return cache[n]
 
-    n = smallest_passing(lambda k: loss_at(k)["loss"] <= cfg.target, space.total)
+    n = smallest_passing(lambda k: loss_at(k)["loss"] <= cfg.target, space.total, hint=int((tau >= 0).sum()),
+                         whole_passes=result["solved"])
+    result["found"] = n is not None
+    if n is None:
+        log("  no circuit of at most the masks' size reaches the target")
+        return result
     keep = keep_top(order, n, space.total)
     result.update(nodes=n, circuit=loss_at(n), kept=space.kept(keep), evaluations=len(cache))
     if cfg.check:  # necessity: the full model without the circuit should fail the task
@@ -90,7 +101,8 @@ def geometric_mean(values: list[int]) -> float | None:
     return math.exp(sum(math.log(max(v, 1)) for v in values) / len(values)) if values else None
 
 
-def prune_model(model: GPT, tokenizer, means: dict, tasks: list[str], cfg: PruneConfig, out: Path, label: str) -> dict:
+def prune_model(model: GPT, tokenizer, means: dict, tasks: list[str], cfg: PruneConfig, out: Path, label: str,
+                control: bool = False) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     space = NodeSpace.of(model)
     weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -105,8 +117,8 @@ def prune_model(model: GPT, tokenizer, means: dict, tasks: list[str], cfg: Prune
             print(f"  skipped: {e}")
             unusable[task] = str(e)
             continue
-        res = find_circuit(model, means, train, test, cfg, log=print)
-        if res["solved"]:
+        res = find_circuit(model, means, train, test, cfg, log=print, control=control)
+        if res.get("found"):
             edges = circuit_edges(weights, model.cfg.n_layer, model.cfg.d_head, res["kept"], test.token_ids(), train.answers, cfg.edges,
                                   token_text=lambda t: tokenizer.decode([t]))
             res["edges"] = count_by_kind(edges)
@@ -125,10 +137,12 @@ def prune_model(model: GPT, tokenizer, means: dict, tasks: list[str], cfg: Prune
         res["seconds"] = round(time.time() - t0, 1)
         write_json(out / f"{task}.json", res)
         rows.append(res)
-    solved = [r for r in rows if r["solved"]]
+    # The score counts tasks the whole model solves; a control's circuits (if any) are scored on their own.
+    scored = [r for r in rows if r.get("found") and (r["solved"] or control)]
     summary = {"label": label, "conventions": asdict(cfg.edges), "target": cfg.target,
-               "geometric_mean_edges": geometric_mean([r["edges"]["total"] for r in solved]),
-               "solved": [r["task"] for r in solved], "failed_by_full_model": [r["task"] for r in rows if not r["solved"]],
+               "geometric_mean_edges": geometric_mean([r["edges"]["total"] for r in scored]),
+               "scored": [r["task"] for r in scored], "solved": [r["task"] for r in rows if r["solved"]],
+               "failed_by_full_model": [r["task"] for r in rows if not r["solved"]],
                "unusable_with_tokenizer": unusable, "tasks": [{k: r.get(k) for k in ("task", "nodes", "seconds")} | {
                    "full_loss": r["full"]["loss"], "circuit_loss": r.get("circuit", {}).get("loss"),
                    "edges": r.get("edges", {}).get("total"), "necessary": r.get("necessary")} for r in rows]}
@@ -144,12 +158,12 @@ def format_summary(s: dict) -> str:
              f"{'task':<28} {'full loss':>9} {'circuit loss':>12} {'nodes':>6} {'edges':>7}  necessary"]
     for r in s["tasks"]:
         circuit = f"{r['circuit_loss']:.3f}" if r["circuit_loss"] is not None else "-"
-        lines.append(f"{r['task']:<28} {r['full_loss']:>9.3f} {circuit:>12} {r['nodes'] if r['nodes'] is not None else '-':>6} "
+        lines.append(f"{r['task']:<28} {r['full_loss']:>9.3f} {circuit:>12} {r['nodes'] if r.get('nodes') is not None else '-':>6} "
                      f"{r['edges'] if r['edges'] is not None else '-':>7}  {'' if r['necessary'] is None else ('yes' if r['necessary'] else 'NO')}")
     gm = s["geometric_mean_edges"]
-    lines.append(f"geometric mean of edges over {len(s['solved'])} solved task(s): {gm:.1f}" if gm else "no task solved")
+    lines.append(f"geometric mean of edges over {len(s['scored'])} task(s) with a circuit: {gm:.1f}" if gm else "no circuit: no score")
     if s["failed_by_full_model"]:
-        lines.append(f"not solved by the full model (no circuit): {', '.join(s['failed_by_full_model'])}")
+        lines.append(f"not solved by the full model: {', '.join(s['failed_by_full_model'])}")
     for task, why in s["unusable_with_tokenizer"].items():
         lines.append(f"unusable with this tokenizer: {task}: {why}")
     return "\n".join(lines)
@@ -182,10 +196,11 @@ def run(cfg: PruneConfig) -> dict:
         from sparse_lm.sparsity import Sparsifier
 
         torch.manual_seed(cfg.seed)
-        control = GPT(mcfg.model).to(cfg.device).eval().requires_grad_(False)
-        Sparsifier(control, mcfg.sparsity, mcfg.train.max_steps).apply(state["step"])  # same densities as the checkpoint
-        means = cached_means(control, None, mcfg, cfg, space)
-        result["random_init"] = prune_model(control, tokenizer, means, tasks, cfg, out / "random_init", "random-init control")
+        random_model = GPT(mcfg.model).to(cfg.device).eval().requires_grad_(False)
+        Sparsifier(random_model, mcfg.sparsity, mcfg.train.max_steps).apply(state["step"])  # the checkpoint's densities
+        means = cached_means(random_model, None, mcfg, cfg, space)
+        result["random_init"] = prune_model(random_model, tokenizer, means, tasks, cfg, out / "random_init",
+                                            "random-init control", control=True)
     result["seconds"] = round(time.time() - t0, 1)
     write_json(out / "run.json", {**result, "config": OmegaConf.to_container(OmegaConf.structured(cfg))})
     print(f"wrote {out} in {result['seconds']:.0f}s")

@@ -20,8 +20,9 @@ def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: fl
              generator: torch.Generator | None = None) -> torch.Tensor:
     """Extend idx [B, T] by sampling; temperature 0 means greedy."""
     for _ in range(max_new_tokens):
-        logits, _ = model(idx[:, -model.cfg.ctx_len :])
-        logits = logits[:, -1].float()
+        context = idx[:, -model.cfg.ctx_len :]
+        logits, _ = model(context, last=torch.full((len(idx),), context.shape[1] - 1, device=idx.device))
+        logits = logits.float()
         if temperature <= 0:
             nxt = logits.argmax(-1, keepdim=True)
         else:

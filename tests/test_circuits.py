@@ -111,6 +111,9 @@ def test_bisection_finds_the_smallest_passing_size():
         return n >= 37
 
     assert smallest_passing(passes, 1000) == 37 and len(calls) <= 13
+    calls.clear()
+    assert smallest_passing(passes, 1000, hint=40) == 37 and len(calls) <= 9  # a good hint saves evaluations
+    assert smallest_passing(passes, 1000, hint=20) == 37
     assert smallest_passing(lambda n: n >= 0, 50) == 0
     assert smallest_passing(lambda n: False, 50) is None
 

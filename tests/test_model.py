@@ -121,3 +121,12 @@ def test_hooks_read_replace_and_mean_ablate_per_channel():
     assert not torch.allclose(zeroed, base)
     again, _ = m(idx)  # hooks are gone after the block
     assert torch.equal(again, base)
+
+
+def test_logits_at_chosen_positions_match_the_full_forward():
+    m = model()
+    idx = tokens()
+    full, _ = m(idx)
+    last = torch.tensor([23, 5, 11])
+    some, _ = m(idx, last=last)
+    assert torch.allclose(some, full[torch.arange(3), last], atol=1e-6)

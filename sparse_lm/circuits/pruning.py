@@ -44,8 +44,7 @@ def logit_diff(model: GPT, data: TaskData, batch: int = 256) -> torch.Tensor:
     for start in range(0, data.tokens.shape[0], batch):
         tokens, lengths = data.tokens[start : start + batch], data.lengths[start : start + batch]
         T = int(lengths.max())
-        logits, _ = model(tokens[:, :T])  # right padding never reaches earlier positions (causal)
-        last = logits[torch.arange(len(lengths)), lengths - 1]
+        last, _ = model(tokens[:, :T], last=lengths - 1)  # right padding never reaches earlier positions (causal)
         out.append(last[:, data.answers[0]] - last[:, data.answers[1]])
     return torch.cat(out)
 
@@ -130,13 +129,24 @@ def evaluate(model: GPT, space: NodeSpace, means: dict, keep: torch.Tensor, cali
             "scale": scale, "shift": shift, "accuracy": (side_losses(delta, scale, shift) < 0.6931).float().mean().item()}
 
 
-def smallest_passing(passes: Callable[[int], bool], total: int) -> int | None:
-    """Smallest n in [0, total] with passes(n), assuming passing is monotone in n; None if total fails."""
-    if not passes(total):
+def smallest_passing(passes: Callable[[int], bool], total: int, hint: int | None = None, whole_passes: bool = True) -> int | None:
+    """Smallest n in [0, total] with passes(n), assuming passing is monotone in n; None if there is none.
+
+    `hint` (e.g. the number of nodes the trained masks keep) splits the range first: fewer evaluations. With
+    `whole_passes=False` (a model that fails the task whole, like the random-init control) only sizes up to the
+    hint are searched: pruning may still carve a passing circuit out of it.
+    """
+    if whole_passes and not passes(total):
         return None
+    if not whole_passes:
+        if hint is None or not passes(hint):
+            return None
+        total = hint
     if passes(0):
         return 0
     lo, hi = 0, total  # passes(lo) is False, passes(hi) is True
+    if hint is not None and 0 < hint < total:
+        lo, hi = (lo, hint) if passes(hint) else (hint, hi)
     while hi - lo > 1:
         mid = (lo + hi) // 2
         if passes(mid):
