@@ -1,8 +1,8 @@
 """Pictures of a circuit: a PNG and one self-contained HTML page (inline SVG, no scripts or downloads).
 
-Rows from bottom to top follow the forward pass: the task's tokens, the residual channels they are read from,
-then per layer the attention's read, q, k, v, write, the MLP's read, neurons and write, then the residual
-channels the answers are read from, and the two answers. A dot is a kept node, placed by its channel index
+Rows from bottom to top follow the forward pass: the task's tokens, the residual channels their embeddings
+reach the circuit through, then per layer the attention's read, q, k, v, write, the MLP's read, neurons and
+write, then the residual channels the answers' unembeddings read, and the two answers. A dot is a kept node, placed by its channel index
 (so a residual channel sits at the same x in every read and write row). A line is an edge: blue for a
 positive weight, red for a negative one, thicker for a larger |weight| (relative within its kind); dotted
 lines pair a q channel with the k channel it is dotted with.
@@ -21,7 +21,7 @@ NODE = re.compile(r"^(.*)\[(\d+)\]$")
 
 def layout(n_layer: int, dims: dict[str, int], edges: list[Edge], kept: dict[str, list[int]]):
     """(rows: [(y, label)], positions: {node label: (x, y)}) with x, y in [0, 1]."""
-    row_names = ["tokens", "resid (read)"] + [f"{layer}.{s}" for layer in range(n_layer) for s in PRUNE_SITES] + ["resid (written)", "answers"]
+    row_names = ["tokens", "embedding"] + [f"{layer}.{s}" for layer in range(n_layer) for s in PRUNE_SITES] + ["unembedding", "answers"]
     y = {name: i / (len(row_names) - 1) for i, name in enumerate(row_names)}
     pos = {}
     for site, channels in kept.items():
@@ -34,11 +34,16 @@ def layout(n_layer: int, dims: dict[str, int], edges: list[Edge], kept: dict[str
             pos[name] = ((i + 0.5) / len(names), y[row])
     d_model = dims.get("0.attn.in", 1)
     for e in edges:
-        if e.kind in ("embedding", "unembedding"):
+        if e.kind in ("embedding", "unembedding"):  # residual channels where the circuit meets wte / lm_head
             node = e.dst if e.kind == "embedding" else e.src
-            r = int(NODE.match(node).group(2))
-            pos[node] = ((r + 0.5) / d_model, y["resid (read)" if e.kind == "embedding" else "resid (written)"])
+            row, r = NODE.match(node).groups()
+            pos[node] = ((int(r) + 0.5) / d_model, y[row])
     return [(y[n], n) for n in row_names], pos
+
+
+def n_labels(pos: dict) -> int:
+    """Token dots are labelled only when few enough to read (the names are in the tooltips and the JSON)."""
+    return sum(1 for name in pos if name.startswith("token"))
 
 
 def _style(edges: list[Edge]):
@@ -48,7 +53,8 @@ def _style(edges: list[Edge]):
         biggest[e.kind] = max(biggest.get(e.kind, 0.0), abs(e.weight))
     for e in edges:
         rel = abs(e.weight) / (biggest[e.kind] or 1.0)
-        yield e, ("#2166ac" if e.weight >= 0 else "#b2182b"), 0.4 + 2.6 * rel, 0.25 + 0.65 * rel
+        faint = 0.35 if e.kind in ("embedding", "unembedding") else 1.0  # many, and less telling than the inside
+        yield e, ("#2166ac" if e.weight >= 0 else "#b2182b"), (0.4 + 2.6 * rel) * faint, (0.25 + 0.65 * rel) * faint
 
 
 def draw_png(path, title: str, n_layer: int, dims: dict[str, int], edges: list[Edge], kept: dict[str, list[int]]) -> None:
@@ -68,7 +74,7 @@ def draw_png(path, title: str, n_layer: int, dims: dict[str, int], edges: list[E
     xs, ys = zip(*pos.values()) if pos else ((), ())
     ax.scatter(xs, ys, s=10, color="black", zorder=2)
     for name, (x, y) in pos.items():
-        if name.startswith(("token", "answer")):
+        if name.startswith("answer") or (name.startswith("token") and n_labels(pos) <= 30):
             ax.text(x, y + (0.015 if name.startswith("answer") else -0.015), name.split(" ", 1)[1], ha="center",
                     va="bottom" if name.startswith("answer") else "top", fontsize=6, rotation=0)
     ax.set(xlim=(-0.02, 1.02), ylim=(-0.05, 1.05), title=title)
@@ -99,7 +105,7 @@ def draw_html(path, title: str, summary: list[tuple[str, str]], n_layer: int, di
     for name, p in pos.items():
         x, y = xy(p)
         svg.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3.5" fill="black"><title>{html.escape(name)}</title></circle>')
-        if name.startswith(("token", "answer")):
+        if name.startswith("answer") or (name.startswith("token") and n_labels(pos) <= 30):
             dy = -8 if name.startswith("answer") else 16
             svg.append(f'<text x="{x:.1f}" y="{y + dy:.1f}" text-anchor="middle" font-size="9">{html.escape(name.split(" ", 1)[1])}</text>')
     svg.append("</svg>")

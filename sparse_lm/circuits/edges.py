@@ -83,12 +83,12 @@ def circuit_edges(weights: dict[str, torch.Tensor], n_layer: int, d_head: int, k
         wte = weights["wte.weight"]
         for t in sorted(set(tokens)):
             for r in (read & (wte[t] != 0)).nonzero().flatten().tolist():
-                edges.append(Edge(f"token {token_text(t)!r}", f"resid[{r}]", float(wte[t, r]), "embedding"))
+                edges.append(Edge(f"token {token_text(t)!r}", f"embedding[{r}]", float(wte[t, r]), "embedding"))
     if conv.unembedding:
         head = weights["lm_head.weight"]
         for a in answers:
             for r in (written & (head[a] != 0)).nonzero().flatten().tolist():
-                edges.append(Edge(f"resid[{r}]", f"answer {token_text(a)!r}", float(head[a, r]), "unembedding"))
+                edges.append(Edge(f"unembedding[{r}]", f"answer {token_text(a)!r}", float(head[a, r]), "unembedding"))
     if conv.residual:
         for i, w_site in enumerate(residual_order):
             if w_site.split(".", 1)[1] not in WRITES:
