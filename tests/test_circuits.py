@@ -193,3 +193,14 @@ def test_prune_command_writes_circuits_pictures_and_a_summary(tiny_run, tmp_path
         assert "<svg" in page and "http" not in page.replace("http://www.w3.org/2000/svg", "")  # self-contained
     assert json.loads((out / "random_init" / "summary.json").read_text())["label"] == "random-init control"
     assert (tiny_run / "checkpoints" / "step-000040" / "site_means-64.pt").exists()  # cached for the next run
+
+
+def test_mask_training_is_deterministic_given_a_seed():
+    from sparse_lm.circuits.pruning import MaskTraining, train_masks
+
+    model = planted_model()
+    space = NodeSpace.of(model)
+    means = site_means(model, space.sites, torch.randint(0, 6, (16, 8), generator=torch.Generator().manual_seed(1)))
+    task = planted_task(64, 2)
+    runs = [train_masks(model, space, means, task, MaskTraining(steps=15, seed=s)) for s in (4, 4, 5)]
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
