@@ -204,3 +204,14 @@ def test_mask_training_is_deterministic_given_a_seed():
     task = planted_task(64, 2)
     runs = [train_masks(model, space, means, task, MaskTraining(steps=15, seed=s)) for s in (4, 4, 5)]
     assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+
+
+def test_calibration_rescales_and_shifts_but_never_flips():
+    from sparse_lm.circuits.pruning import calibrate, side_losses
+
+    right = torch.cat([torch.full((50,), 0.3), torch.full((50,), 0.1)])  # a sides above b sides, both positive
+    scale, shift = calibrate(right)
+    assert scale > 1 and side_losses(right, scale, shift).mean() < 0.1 < side_losses(right).mean()
+    wrong = -right  # prefers the wrong answer everywhere
+    scale, shift = calibrate(wrong)
+    assert scale > 0 and side_losses(wrong, scale, shift).mean() > 0.69

@@ -12,6 +12,7 @@ Task loss: cross-entropy restricted to the two answer tokens, per side (the mean
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -57,20 +58,24 @@ def side_losses(delta: torch.Tensor, scale=1.0, shift=0.0) -> torch.Tensor:
 
 
 def calibrate(delta: torch.Tensor, steps: int = 20) -> tuple[float, float]:
-    """Logit scale and shift minimising the task loss on `delta` (LBFGS)."""
-    params = torch.tensor([1.0, 0.0], requires_grad=True)
+    """Logit scale (> 0) and shift minimising the task loss on `delta` (LBFGS).
+
+    The scale stays positive: calibration may fix the size and bias of the logit difference, never flip a
+    model that prefers the wrong answer into one that prefers the right one.
+    """
+    params = torch.tensor([0.0, 0.0], requires_grad=True)  # log scale, shift
     opt = torch.optim.LBFGS([params], max_iter=steps, line_search_fn="strong_wolfe")
     delta = delta.detach().float()
 
     def closure():
         opt.zero_grad()
-        loss = side_losses(delta, params[0], params[1]).mean()
+        loss = side_losses(delta, params[0].exp(), params[1]).mean()
         loss.backward()
         return loss
 
     opt.step(closure)
-    scale, shift = params.detach().tolist()
-    return scale, shift
+    log_scale, shift = params.detach().tolist()
+    return math.exp(log_scale), shift
 
 
 def straight_through(tau: torch.Tensor) -> torch.Tensor:
