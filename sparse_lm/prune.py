@@ -27,7 +27,7 @@ from sparse_lm.circuits.edges import circuit_edges, count_by_kind, describe
 from sparse_lm.circuits.nodes import NodeSpace
 from sparse_lm.circuits.pruning import MaskTraining, evaluate, keep_top, site_means, smallest_passing, train_masks
 from sparse_lm.cli import load_model, positional_checkpoint
-from sparse_lm.config import PruneConfig, register_configs
+from sparse_lm.config import EdgeConventions, PruneConfig, register_configs
 from sparse_lm.fsutil import write_json
 from sparse_lm.model import GPT
 from sparse_lm.tasks import TASKS, TaskData, TaskTokenError, build
@@ -72,7 +72,7 @@ def find_circuit(model: GPT, means: dict, train: TaskData, test: TaskData, cfg: 
         return result
     keep = keep_top(order, n, space.total)
     result.update(nodes=n, circuit=loss_at(n), kept=space.kept(keep), evaluations=len(cache))
-    if cfg.check:  # necessity: the full model without the circuit should fail the task
+    if cfg.check and result["solved"]:  # necessity: the full model without the circuit should fail the task
         result["without_circuit"] = evaluate(model, space, means, 1 - keep, calib, test)
         result["necessary"] = result["without_circuit"]["loss"] > cfg.target
     return result
@@ -82,14 +82,14 @@ def cached_means(model: GPT, ckpt: Path | None, mcfg, cfg: PruneConfig, space: N
     """Site means over the first `mean_sequences` pretraining sequences, cached beside the checkpoint."""
     path = ckpt / f"site_means-{cfg.mean_sequences}.pt" if ckpt is not None else None
     if path is not None and path.exists():
-        return torch.load(path, weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     from sparse_lm.data.cache import prepare
 
     data = prepare(mcfg.data)
     T = mcfg.model.ctx_len
     n = min(cfg.mean_sequences, (len(data.train) - 1) // T)
     tokens = torch.from_numpy(np.asarray(data.train[: n * T], dtype=np.int64)).view(n, T)
-    means = site_means(model, space.sites, tokens)
+    means = {site: m.cpu() for site, m in site_means(model, space.sites, tokens).items()}
     if path is not None:
         tmp = path.with_name(path.name + ".tmp")
         torch.save(means, tmp)
@@ -113,6 +113,9 @@ def prune_model(model: GPT, tokenizer, means: dict, tasks: list[str], cfg: Prune
         try:
             train = build(task, tokenizer, "train", cfg.n_train, cfg.seed)
             test = build(task, tokenizer, "test", cfg.n_test, cfg.seed)
+            if test.answers != train.answers:
+                raise TaskTokenError(f"{task}: the train and test splits tokenize the answers differently "
+                                     f"({train.answer_text} vs {test.answer_text})")
         except TaskTokenError as e:
             print(f"  skipped: {e}")
             unusable[task] = str(e)
@@ -145,7 +148,8 @@ def prune_model(model: GPT, tokenizer, means: dict, tasks: list[str], cfg: Prune
                "failed_by_full_model": [r["task"] for r in rows if not r["solved"]],
                "unusable_with_tokenizer": unusable, "tasks": [{k: r.get(k) for k in ("task", "nodes", "seconds")} | {
                    "full_loss": r["full"]["loss"], "circuit_loss": r.get("circuit", {}).get("loss"),
-                   "edges": r.get("edges", {}).get("total"), "necessary": r.get("necessary")} for r in rows]}
+                   "edges": r.get("edges", {}).get("total"), "without_circuit_loss": r.get("without_circuit", {}).get("loss"),
+                   "necessary": r.get("necessary")} for r in rows]}
     write_json(out / "summary.json", summary)
     text = format_summary(summary)
     (out / "summary.txt").write_text(text + "\n")
@@ -154,12 +158,16 @@ def prune_model(model: GPT, tokenizer, means: dict, tasks: list[str], cfg: Prune
 
 
 def format_summary(s: dict) -> str:
-    lines = [f"{s['label']}: target loss {s['target']} per side; edge conventions: {describe_dict(s['conventions'])}",
-             f"{'task':<28} {'full loss':>9} {'circuit loss':>12} {'nodes':>6} {'edges':>7}  necessary"]
+    lines = [f"{s['label']}: target loss {s['target']} per side; edge conventions: {describe(EdgeConventions(**s['conventions']))}",
+             f"{'task':<28} {'full loss':>9} {'circuit loss':>12} {'nodes':>6} {'edges':>7} {'loss without it':>15}  necessary"]
+
+    def cell(v, fmt="{}"):
+        return "-" if v is None else fmt.format(v)
+
     for r in s["tasks"]:
-        circuit = f"{r['circuit_loss']:.3f}" if r["circuit_loss"] is not None else "-"
-        lines.append(f"{r['task']:<28} {r['full_loss']:>9.3f} {circuit:>12} {r['nodes'] if r.get('nodes') is not None else '-':>6} "
-                     f"{r['edges'] if r['edges'] is not None else '-':>7}  {'' if r['necessary'] is None else ('yes' if r['necessary'] else 'NO')}")
+        necessary = "" if r["necessary"] is None else ("yes" if r["necessary"] else "NO")
+        lines.append(f"{r['task']:<28} {r['full_loss']:>9.3f} {cell(r['circuit_loss'], '{:.3f}'):>12} {cell(r['nodes']):>6} "
+                     f"{cell(r['edges']):>7} {cell(r.get('without_circuit_loss'), '{:.3f}'):>15}  {necessary}")
     gm = s["geometric_mean_edges"]
     lines.append(f"geometric mean of edges over {len(s['scored'])} task(s) with a circuit: {gm:.1f}" if gm else "no circuit: no score")
     if s["failed_by_full_model"]:
@@ -167,10 +175,6 @@ def format_summary(s: dict) -> str:
     for task, why in s["unusable_with_tokenizer"].items():
         lines.append(f"unusable with this tokenizer: {task}: {why}")
     return "\n".join(lines)
-
-
-def describe_dict(conv: dict) -> str:
-    return ", ".join(f"{k}={'on' if v else 'off'}" for k, v in conv.items())
 
 
 def task_list(spec) -> list[str]:
@@ -187,7 +191,8 @@ def run(cfg: PruneConfig) -> dict:
     ckpt = checkpoint.resolve(cfg.checkpoint)
     model, tokenizer, mcfg, state = load_model(ckpt, cfg.device)
     model.requires_grad_(False)
-    out = Path(cfg.out_dir) if cfg.out_dir else ckpt.parent.parent / "circuits" / ckpt.name
+    in_run = ckpt.parent.name == "checkpoints"  # <run>/checkpoints/step-N, or a checkpoint directory on its own
+    out = Path(cfg.out_dir) if cfg.out_dir else (ckpt.parent.parent / "circuits" / ckpt.name if in_run else ckpt / "circuits")
     t0 = time.time()
     space = NodeSpace.of(model)
     result = {"checkpoint": str(ckpt), "step": state["step"]}

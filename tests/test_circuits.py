@@ -215,3 +215,13 @@ def test_calibration_rescales_and_shifts_but_never_flips():
     wrong = -right  # prefers the wrong answer everywhere
     scale, shift = calibrate(wrong)
     assert scale > 0 and side_losses(wrong, scale, shift).mean() > 0.69
+
+
+def test_calibration_does_not_depend_on_a_common_offset():
+    from sparse_lm.circuits.pruning import calibrate, side_losses
+
+    g = torch.Generator().manual_seed(0)
+    delta = torch.cat([0.1 + 0.03 * torch.randn(100, generator=g), -0.1 + 0.03 * torch.randn(100, generator=g)])
+    losses = [side_losses(delta + c, *calibrate(delta + c)).mean().item() for c in (0.0, 3.0, 10.0)]
+    assert losses[0] < 0.02 and max(losses) - min(losses) < 1e-3
+

@@ -41,13 +41,6 @@ class NodeSpace:
     def split(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         return dict(zip(self.sites, torch.split(flat, self.dims)))
 
-    def label(self, i: int) -> str:
-        for site, dim in zip(self.sites, self.dims):
-            if i < dim:
-                return f"{site}[{i}]"
-            i -= dim
-        raise IndexError(i)
-
     def kept(self, keep: torch.Tensor) -> dict[str, list[int]]:
         """Channel indices kept at each site (sites with none are left out)."""
         out = {}
@@ -64,7 +57,8 @@ def ablated(model: GPT, space: NodeSpace, keep: torch.Tensor, means: dict[str, t
 
     `keep` may be soft or carry gradients (straight-through masks): each site computes keep·x + (1 − keep)·mean.
     """
-    keeps = space.split(keep)
-    fns = {site: (lambda x, k=keeps[site], m=means[site]: blend(x, k, m)) for site in space.sites}
+    device = model.lm_head.weight.device
+    keeps = space.split(keep.to(device))
+    fns = {site: (lambda x, k=keeps[site], m=means[site].to(device): blend(x, k, m)) for site in space.sites}
     with patch(model, fns):
         yield

@@ -5,7 +5,7 @@
    step); the backward pass uses the sigmoid's derivative instead (straight-through). The objective is the
    task loss plus λ·(number of kept nodes).
 3. Bisection: nodes ordered by τ, find the smallest number kept whose held-out task loss is at most the target.
-   Each candidate's loss is measured after a logit scale and shift fitted on training pairs (a few LBFGS steps).
+   Each candidate's loss is measured after a logit scale and shift fitted on training pairs (LBFGS).
 
 Task loss: cross-entropy restricted to the two answer tokens, per side (the mean over A and B contexts).
 """
@@ -29,9 +29,10 @@ from sparse_lm.tasks import TaskData
 def site_means(model: GPT, sites: list[str], tokens: torch.Tensor, batch: int = 16) -> dict[str, torch.Tensor]:
     """Mean of every site's channels over all positions of `tokens` [n, T]."""
     sums, count = {}, 0
+    device = model.lm_head.weight.device
     for chunk in tokens.split(batch):
         with record(model, sites) as acts:
-            model(chunk)
+            model(chunk.to(device))
         for site in sites:
             s = acts[site].float().sum(dim=(0, 1))
             sums[site] = sums[site] + s if site in sums else s
@@ -41,9 +42,9 @@ def site_means(model: GPT, sites: list[str], tokens: torch.Tensor, batch: int = 
 
 def logit_diff(model: GPT, data: TaskData, batch: int = 256) -> torch.Tensor:
     """logit(a) − logit(b) at the last position of every context [2n]."""
-    out = []
+    out, device = [], model.lm_head.weight.device
     for start in range(0, data.tokens.shape[0], batch):
-        tokens, lengths = data.tokens[start : start + batch], data.lengths[start : start + batch]
+        tokens, lengths = data.tokens[start : start + batch].to(device), data.lengths[start : start + batch].to(device)
         T = int(lengths.max())
         last, _ = model(tokens[:, :T], last=lengths - 1)  # right padding never reaches earlier positions (causal)
         out.append(last[:, data.answers[0]] - last[:, data.answers[1]])
@@ -57,25 +58,29 @@ def side_losses(delta: torch.Tensor, scale=1.0, shift=0.0) -> torch.Tensor:
     return torch.cat([F.softplus(-z[:n]), F.softplus(z[n:])])
 
 
-def calibrate(delta: torch.Tensor, steps: int = 20) -> tuple[float, float]:
+def calibrate(delta: torch.Tensor, steps: int = 100) -> tuple[float, float]:
     """Logit scale (> 0) and shift minimising the task loss on `delta` (LBFGS).
 
     The scale stays positive: calibration may fix the size and bias of the logit difference, never flip a
-    model that prefers the wrong answer into one that prefers the right one.
+    model that prefers the wrong answer into one that prefers the right one. The fit runs on the standardised
+    difference, so a large common offset (mean ablation often adds one) costs it no extra steps.
     """
-    params = torch.tensor([0.0, 0.0], requires_grad=True)  # log scale, shift
-    opt = torch.optim.LBFGS([params], max_iter=steps, line_search_fn="strong_wolfe")
     delta = delta.detach().float()
+    mu, sd = delta.mean(), delta.std()
+    sd = sd if sd > 1e-6 else torch.ones(())
+    u = (delta - mu) / sd
+    params = torch.tensor([0.0, 0.0], requires_grad=True)  # log scale, shift, both in standardised units
+    opt = torch.optim.LBFGS([params], max_iter=steps, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
-        loss = side_losses(delta, params[0].exp(), params[1]).mean()
+        loss = side_losses(u, params[0].exp(), params[1]).mean()
         loss.backward()
         return loss
 
     opt.step(closure)
-    log_scale, shift = params.detach().tolist()
-    return math.exp(log_scale), shift
+    a, c = params[0].exp().item(), params[1].item()
+    return a / sd.item(), c - a * (mu / sd).item()
 
 
 def straight_through(tau: torch.Tensor) -> torch.Tensor:
@@ -99,10 +104,10 @@ def train_masks(model: GPT, space: NodeSpace, means: dict, train: TaskData, cfg:
                 progress: Callable[[int, float, int], None] | None = None) -> torch.Tensor:
     """τ for every node after `cfg.steps` steps of AdamW on task loss + λ·kept (model weights frozen)."""
     g = torch.Generator().manual_seed(cfg.seed)
-    tau = (cfg.tau_init + 0.01 * torch.randn(space.total, generator=g)).requires_grad_(True)
+    tau = (cfg.tau_init + 0.01 * torch.randn(space.total, generator=g)).to(model.lm_head.weight.device).requires_grad_(True)
     opt = torch.optim.AdamW([tau], lr=cfg.lr, weight_decay=cfg.weight_decay)
     for step in range(cfg.steps):
-        pick = torch.randint(train.n_pairs, (cfg.batch_pairs,), generator=g)
+        pick = torch.randint(train.n_pairs, (cfg.batch_pairs,), generator=g)  # on the CPU: same picks on any device
         batch = train.select(pick)
         keep = straight_through(tau)
         with ablated(model, space, keep, means):
@@ -119,7 +124,7 @@ def train_masks(model: GPT, space: NodeSpace, means: dict, train: TaskData, cfg:
 
 
 def keep_top(order: torch.Tensor, n: int, total: int) -> torch.Tensor:
-    keep = torch.zeros(total)
+    keep = torch.zeros(total, device=order.device)
     keep[order[:n]] = 1.0
     return keep
 
