@@ -12,7 +12,7 @@ import math
 import time
 from pathlib import Path
 
-from sparse_lm.fsutil import write_text
+from sparse_lm.fsutil import atomic_file, write_text
 
 log = logging.getLogger("sparse_lm")
 
@@ -131,7 +131,6 @@ def plot_curves(metrics_path: Path, out: Path) -> None:
     axes[2].plot([r["step"] for r in train], [r["density"] for r in train])
     axes[2].set(title="hidden-matrix density", xlabel="step", yscale="log")
     fig.tight_layout()
-    tmp = out.with_name(".curves.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_file(out) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    tmp.replace(out)

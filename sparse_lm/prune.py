@@ -25,10 +25,10 @@ from sparse_lm import checkpoint
 from sparse_lm.circuits.draw import draw_html, draw_png
 from sparse_lm.circuits.edges import circuit_edges, count_by_kind, describe
 from sparse_lm.circuits.nodes import NodeSpace
-from sparse_lm.circuits.pruning import MaskTraining, evaluate, keep_top, site_means, smallest_passing, train_masks
+from sparse_lm.circuits.pruning import evaluate, keep_top, site_means, smallest_passing, train_masks
 from sparse_lm.cli import load_model, positional_checkpoint
 from sparse_lm.config import EdgeConventions, PruneConfig, register_configs
-from sparse_lm.fsutil import write_json
+from sparse_lm.fsutil import atomic_file, write_json
 from sparse_lm.model import GPT
 from sparse_lm.tasks import TASKS, TaskData, TaskTokenError, build
 
@@ -49,13 +49,12 @@ def find_circuit(model: GPT, means: dict, train: TaskData, test: TaskData, cfg: 
         log(f"  the full model does not solve it (loss {full['loss']:.3f} > {cfg.target})" + ("" if control else ": no circuit"))
         if not control:
             return result
-    mask_cfg = MaskTraining(cfg.steps, cfg.batch_pairs, cfg.lr, cfg.weight_decay, cfg.lam, cfg.tau_init, cfg.seed)
 
     def progress(step, loss, kept):
         if (step + 1) % max(1, cfg.steps // 4) == 0:
             log(f"  mask step {step + 1}/{cfg.steps}: task loss {loss:.3f}, {kept} nodes kept")
 
-    tau = train_masks(model, space, means, train, mask_cfg, progress)
+    tau = train_masks(model, space, means, train, cfg, progress)
     order = torch.argsort(tau, descending=True, stable=True)
     cache = {space.total: full}
 
@@ -91,9 +90,8 @@ def cached_means(model: GPT, ckpt: Path | None, mcfg, cfg: PruneConfig, space: N
     tokens = torch.from_numpy(np.asarray(data.train[: n * T], dtype=np.int64)).view(n, T)
     means = {site: m.cpu() for site, m in site_means(model, space.sites, tokens).items()}
     if path is not None:
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(means, tmp)
-        tmp.replace(path)  # atomic: a crash never leaves a half-written cache
+        with atomic_file(path) as tmp:  # a crash never leaves a half-written cache
+            torch.save(means, tmp)
     return means
 
 

@@ -232,8 +232,8 @@ def build(task: str, tokenizer, split: str, n: int, seed: int = 0, pad_id: int =
         names = [[tokenizer.id_to_token(i) for i in side] for side in answers]
         raise TaskTokenError(f"task {task}: answers must be one token per side and differ, got A={names[0]} B={names[1]}")
     a, b = answers[0][0], answers[1][0]
-    lengths = torch.tensor([len(s) for s in seqs[0::2] + seqs[1::2]])
     ordered = seqs[0::2] + seqs[1::2]  # A sides, then B sides
+    lengths = torch.tensor([len(s) for s in ordered])
     tokens = torch.full((len(ordered), int(lengths.max())), pad_id, dtype=torch.long)
     for i, s in enumerate(ordered):
         tokens[i, : len(s)] = torch.tensor(s)

@@ -196,13 +196,13 @@ def test_prune_command_writes_circuits_pictures_and_a_summary(tiny_run, tmp_path
 
 
 def test_mask_training_is_deterministic_given_a_seed():
-    from sparse_lm.circuits.pruning import MaskTraining, train_masks
+    from sparse_lm.circuits.pruning import train_masks
 
     model = planted_model()
     space = NodeSpace.of(model)
     means = site_means(model, space.sites, torch.randint(0, 6, (16, 8), generator=torch.Generator().manual_seed(1)))
     task = planted_task(64, 2)
-    runs = [train_masks(model, space, means, task, MaskTraining(steps=15, seed=s)) for s in (4, 4, 5)]
+    runs = [train_masks(model, space, means, task, PruneConfig(checkpoint="-", steps=15, seed=s)) for s in (4, 4, 5)]
     assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
 
 

@@ -41,9 +41,12 @@ def layout(n_layer: int, dims: dict[str, int], edges: list[Edge], kept: dict[str
     return [(y[n], n) for n in row_names], pos
 
 
-def n_labels(pos: dict) -> int:
-    """Token dots are labelled only when few enough to read (the names are in the tooltips and the JSON)."""
-    return sum(1 for name in pos if name.startswith("token"))
+def text_labels(pos: dict) -> dict[str, str]:
+    """Text shown beside a dot: the answers always, the tokens only when few enough to read (their names are
+    in the tooltips and the JSON anyway)."""
+    tokens = [name for name in pos if name.startswith("token")]
+    shown = [name for name in pos if name.startswith("answer")] + (tokens if len(tokens) <= 30 else [])
+    return {name: name.split(" ", 1)[1] for name in shown}
 
 
 def _style(edges: list[Edge]):
@@ -73,10 +76,10 @@ def draw_png(path, title: str, n_layer: int, dims: dict[str, int], edges: list[E
         ax.plot([x0, x1], [y0, y1], color=colour, lw=width * 0.6, alpha=alpha, ls=":" if e.kind == "attn.qk" else "-", zorder=1)
     xs, ys = zip(*pos.values()) if pos else ((), ())
     ax.scatter(xs, ys, s=10, color="black", zorder=2)
-    for name, (x, y) in pos.items():
-        if name.startswith("answer") or (name.startswith("token") and n_labels(pos) <= 30):
-            ax.text(x, y + (0.015 if name.startswith("answer") else -0.015), name.split(" ", 1)[1], ha="center",
-                    va="bottom" if name.startswith("answer") else "top", fontsize=6, rotation=0)
+    for name, text in text_labels(pos).items():
+        x, y = pos[name]
+        above = name.startswith("answer")
+        ax.text(x, y + (0.015 if above else -0.015), text, ha="center", va="bottom" if above else "top", fontsize=6)
     ax.set(xlim=(-0.02, 1.02), ylim=(-0.05, 1.05), title=title)
     ax.axis("off")
     fig.tight_layout()
@@ -102,12 +105,13 @@ def draw_html(path, title: str, summary: list[tuple[str, str]], n_layer: int, di
         dash = ' stroke-dasharray="3,3"' if e.kind == "attn.qk" else ""
         svg.append(f'<line x1="{x0:.1f}" y1="{y0:.1f}" x2="{x1:.1f}" y2="{y1:.1f}" stroke="{colour}" stroke-width="{width:.2f}" '
                    f'stroke-opacity="{alpha:.2f}"{dash}><title>{html.escape(f"{e.src} → {e.dst}  w={e.weight:+.4g}  ({e.kind})")}</title></line>')
+    labels = text_labels(pos)
     for name, p in pos.items():
         x, y = xy(p)
         svg.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3.5" fill="black"><title>{html.escape(name)}</title></circle>')
-        if name.startswith("answer") or (name.startswith("token") and n_labels(pos) <= 30):
+        if name in labels:
             dy = -8 if name.startswith("answer") else 16
-            svg.append(f'<text x="{x:.1f}" y="{y + dy:.1f}" text-anchor="middle" font-size="9">{html.escape(name.split(" ", 1)[1])}</text>')
+            svg.append(f'<text x="{x:.1f}" y="{y + dy:.1f}" text-anchor="middle" font-size="9">{html.escape(labels[name])}</text>')
     svg.append("</svg>")
     table = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in summary)
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>

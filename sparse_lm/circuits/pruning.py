@@ -13,13 +13,13 @@ Task loss: cross-entropy restricted to the two answer tokens, per side (the mean
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from sparse_lm.circuits.nodes import NodeSpace, ablated
+from sparse_lm.config import PruneConfig
 from sparse_lm.hooks import record
 from sparse_lm.model import GPT
 from sparse_lm.tasks import TaskData
@@ -89,18 +89,7 @@ def straight_through(tau: torch.Tensor) -> torch.Tensor:
     return (tau >= 0).to(tau.dtype) + soft - soft.detach()
 
 
-@dataclass
-class MaskTraining:
-    steps: int = 400
-    batch_pairs: int = 16
-    lr: float = 3e-3
-    weight_decay: float = 1e-3
-    lam: float = 1e-4  # penalty per kept node
-    tau_init: float = 0.1
-    seed: int = 0
-
-
-def train_masks(model: GPT, space: NodeSpace, means: dict, train: TaskData, cfg: MaskTraining,
+def train_masks(model: GPT, space: NodeSpace, means: dict, train: TaskData, cfg: PruneConfig,
                 progress: Callable[[int, float, int], None] | None = None) -> torch.Tensor:
     """τ for every node after `cfg.steps` steps of AdamW on task loss + λ·kept (model weights frozen)."""
     g = torch.Generator().manual_seed(cfg.seed)
