@@ -1,4 +1,4 @@
-"""Radix select of the k largest |w|: the same survivors as sparse_lm.sparsity.projection_mask, no host sync.
+"""Radix select of the k largest |w| (protected entries first, ties to the lower flat index), no host sync.
 
 Magnitudes are compared as integers (the bit pattern of a non-negative float orders like its value); entries
 protected by the j-per-neuron rule get the key of +inf, so they are kept first. The k-th largest key is fixed
@@ -152,16 +152,13 @@ def select_topk(w: torch.Tensor, k: int, protected: torch.Tensor | None = None, 
 
 
 class RadixSelect:
-    """A drop-in for the Sparsifier's mask function that remembers each parameter's threshold for warm starts."""
+    """`select_topk` that remembers the threshold of each named tensor, to warm-start its next selection."""
 
     def __init__(self):
         self.thresholds: dict[str, torch.Tensor] = {}
 
-    def __call__(self, sp, k: int, j: int) -> torch.Tensor:
-        from sparse_lm.sparsity import protected_mask
-
-        protected = protected_mask(sp.param, j, sp.neuron_axis)
-        mask, thr = select_topk(sp.param, k, protected, self.thresholds.get(sp.name))
+    def __call__(self, name: str, w: torch.Tensor, k: int, protected: torch.Tensor | None = None) -> torch.Tensor:
+        mask, thr = select_topk(w, k, protected, self.thresholds.get(name))
         if thr is not None:
-            self.thresholds[sp.name] = thr
+            self.thresholds[name] = thr
         return mask

@@ -2,11 +2,11 @@
 
     accel = install(model, sparsifier, cfg.kernels, compute_dtype)   # before the optimizer sees the model
     ...
-    accel.after_step(step)   # after every projection + weight decay: pick each layer's mode, rebuild copies
+    accel.after_step(plan)   # after every projection + weight decay: pick each layer's mode, rebuild copies
 
 - backend: each hidden linear layer becomes a kernels.linear.SparseLinear (same Parameters). Its mode at a step
   is `dense` while the matrix is dense or (for `auto`) above the crossover density, else the SpMM backend.
-  The density comes from the schedule, so the choice needs no host sync.
+  The density comes from the step's sparsity plan, so the choice needs no host sync.
 - abstopk=triton: every activation Site uses the fused kernel.
 - select=triton: the Sparsifier's projection uses the radix select (warm-started per matrix).
 """
@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from sparse_lm.config import Backend, KernelsConfig, OpImpl
 from sparse_lm.fsutil import write_json
-from sparse_lm.sparsity import Sparsifier, SparseParam
+from sparse_lm.sparsity import Plan, Sparsifier, SparseParam, protected_mask
 
 log = logging.getLogger("sparse_lm")
 
@@ -32,8 +32,8 @@ class Accelerator:
         self.sparsifier, self.cfg, self.dtype, self.crossovers = sparsifier, cfg, dtype, crossovers
         self.on_gpu = any(sp.param.is_cuda for sp, _ in layers)  # `auto` stays dense on the CPU
 
-    def mode(self, sp: SparseParam, step: int) -> str:
-        density = self.sparsifier.density(sp.kind, step)
+    def mode(self, sp: SparseParam, plan: Plan) -> str:
+        density = plan.density[sp.kind]
         backend = self.cfg.backend
         if density >= 1.0 or backend == Backend.dense:
             return "dense"
@@ -42,9 +42,9 @@ class Accelerator:
             return "triton" if self.on_gpu and density <= crossover else "dense"
         return backend.value
 
-    def after_step(self, step: int) -> None:
+    def after_step(self, plan: Plan) -> None:
         for sp, layer in self.layers:
-            layer.refresh(self.mode(sp, step), self.sparsifier.k(sp, step), self.dtype)
+            layer.refresh(self.mode(sp, plan), plan.k[sp.name], self.dtype)
 
     def modes(self) -> dict[str, str]:
         return {sp.name: layer.mode for sp, layer in self.layers}
@@ -65,7 +65,8 @@ def install(model: nn.Module, sparsifier: Sparsifier, cfg: KernelsConfig, dtype:
     if cfg.select == OpImpl.triton:
         from kernels.select import RadixSelect
 
-        sparsifier.mask_fn = RadixSelect()
+        select = RadixSelect()  # warm-started per parameter; the same survivors as projection_mask
+        sparsifier.mask_fn = lambda sp, k, j: select(sp.name, sp.param, k, protected_mask(sp.param, j, sp.neuron_axis))
     layers = []
     if cfg.backend != Backend.dense:
         from kernels.linear import SparseLinear

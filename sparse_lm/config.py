@@ -14,8 +14,8 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-# The eight activation sites where AbsTopK can act (SPEC §1), in forward order within a layer.
-TOPK_SITES = ("attn_in", "attn_q", "attn_k", "attn_v", "attn_out", "mlp_in", "mlp_neuron", "mlp_out")
+from sparse_lm.roles import SITES
+
 
 
 class Norm(Enum):
@@ -82,7 +82,7 @@ class ModelConfig:
     attn_sink: bool = True
     bigram: bool = True
     afrac: float = 0.25  # AbsTopK keeps floor(afrac * dim) entries per token
-    topk_sites: list[str] = field(default_factory=lambda: list(TOPK_SITES))
+    topk_sites: list[str] = field(default_factory=lambda: list(SITES))
     init_std: float = 0.02
 
 

@@ -48,6 +48,7 @@ def inspect_checkpoint(path) -> tuple[str, list[Row]]:
         model = GPT(cfg.model)
     sparsifier = Sparsifier(model, cfg.sparsity, cfg.train.max_steps)
     sparse = {sp.name: sp for sp in sparsifier.params}
+    plan = sparsifier.plan(step)
     expected = {name for name, _ in model.named_parameters()}
     if set(weights) != expected:
         raise ValueError(f"{ckpt}: parameters {sorted(set(weights) ^ expected)} do not match the model of its config.yaml")
@@ -56,7 +57,7 @@ def inspect_checkpoint(path) -> tuple[str, list[Row]]:
         sp = sparse.get(name)
         k = j = min_neuron = None
         if sp is not None:
-            k = sparsifier.k(sp, step)
+            k = plan.k[name]
             if sp.neuron_axis is not None:
                 j = min(sparsifier.j(sp), w.shape[1 - sp.neuron_axis])
                 min_neuron = int((w != 0).sum(dim=1 - sp.neuron_axis).min())

@@ -16,8 +16,10 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
-from sparse_lm.config import TOPK_SITES, Activation, ModelConfig, Norm, PosEmb
+from sparse_lm.config import Activation, ModelConfig, Norm, PosEmb
+from sparse_lm.roles import RESIDUAL, SITES, role, site_name, writes_residual
 
 
 def abstopk(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -27,19 +29,25 @@ def abstopk(x: torch.Tensor, k: int) -> torch.Tensor:
     """
     if k >= x.shape[-1]:
         return x
-    idx = x.abs().topk(k, dim=-1, sorted=False).indices
+    mag = x.detach().abs()
+    if mag.dtype == torch.float32:
+        # Non-negative floats order like their bit patterns, and torch.topk compares integers faster (~30% on
+        # a CPU): the same entries are kept, ties included.
+        mag = mag.view(torch.int32)
+    idx = mag.topk(k, dim=-1, sorted=False).indices
     return torch.zeros_like(x).scatter(-1, idx, x.gather(-1, idx))
 
 
 class Site(nn.Module):
     """A named activation site: optional AbsTopK, then a point where forward hooks see the value.
 
-    The name is assigned by GPT once the module tree is built; `k=None` means no activation sparsity here.
+    `kind` is one of sparse_lm.roles.SITES (or RESIDUAL), `dim` its width; the full name (e.g. "3.attn.q") is
+    assigned by GPT once the module tree is built. `k=None` means no activation sparsity here.
     """
 
-    def __init__(self, k: int | None = None):
+    def __init__(self, kind: str, dim: int, k: int | None = None):
         super().__init__()
-        self.k = k
+        self.kind, self.dim, self.k = kind, dim, k
         self.name = ""
         self.topk_fn = abstopk  # sparse_lm.backends may swap in the fused kernel
 
@@ -50,16 +58,22 @@ class Site(nn.Module):
         return f"{self.name!r}, k={self.k}"
 
 
+def make_sites(cfg: ModelConfig, prefix: str, dims: dict[str, int]) -> nn.ModuleDict:
+    """The Sites of the attention or MLP sub-block: those of roles.SITES starting with `prefix`, keyed by the
+    rest of their name ("q", "neuron"), each with AbsTopK keeping floor(afrac · dim) entries when switched on."""
+    sites = {}
+    for kind in SITES:
+        if kind.startswith(prefix + "_"):
+            dim = dims[kind]
+            sites[kind.split("_", 1)[1]] = Site(kind, dim, math.floor(cfg.afrac * dim) if kind in cfg.topk_sites else None)
+    return nn.ModuleDict(sites)
+
+
 def make_norm(cfg: ModelConfig) -> nn.Module:
     # Gain only, no bias: with RMSNorm zero stays a privileged value of the residual stream.
     if cfg.norm == Norm.rms:
         return nn.RMSNorm(cfg.d_model, eps=1e-6)
     return nn.LayerNorm(cfg.d_model, bias=False)
-
-
-def topk_k(cfg: ModelConfig, site: str, dim: int) -> int | None:
-    """k for AbsTopK at `site` (one of TOPK_SITES), or None when that site is switched off."""
-    return math.floor(cfg.afrac * dim) if site in cfg.topk_sites else None
 
 
 class Attention(nn.Module):
@@ -70,15 +84,8 @@ class Attention(nn.Module):
         self.c_attn = nn.Linear(cfg.d_model, 3 * width)
         self.c_proj = nn.Linear(width, cfg.d_model)
         # q/k/v top-k acts over the concatenation of all heads, not per head.
-        self.sites = nn.ModuleDict(
-            {
-                "in": Site(topk_k(cfg, "attn_in", cfg.d_model)),
-                "q": Site(topk_k(cfg, "attn_q", width)),
-                "k": Site(topk_k(cfg, "attn_k", width)),
-                "v": Site(topk_k(cfg, "attn_v", width)),
-                "out": Site(topk_k(cfg, "attn_out", cfg.d_model)),
-            }
-        )
+        d = cfg.d_model
+        self.sites = make_sites(cfg, "attn", {"attn_in": d, "attn_q": width, "attn_k": width, "attn_v": width, "attn_out": d})
         # One logit per head for an extra key/value slot whose key and value are zero: it only adds
         # exp(sink) to the softmax denominator, letting a head attend "nowhere".
         self.sink = nn.Parameter(torch.zeros(self.n_head)) if cfg.attn_sink else None
@@ -100,15 +107,40 @@ class Attention(nn.Module):
 def attention_with_sink(q, k, v, sink):
     """Causal softmax attention with one extra zero key/value slot per head, scored by `sink`.
 
-    The slot is prepended as key/value position 0; an additive float mask gives it the logit sink[h] (q·0 = 0)
-    and applies the causal mask to the real positions. Gradients reach `sink` through the mask.
+    The slot is prepended as key/value position 0 and must score exactly sink[h] for every query (q·0 = 0).
+    On a GPU an additive float mask carries both the sink logit and the causal mask. On a CPU that mask
+    (which needs a gradient) forces SDPA's slow math path, so the sink logit rides on an extra head dimension
+    instead: queries get a constant 1, real keys a 0 and the sink key sink[h]/scale, and the causal mask aligned
+    to the bottom right (query i sees the sink and real keys 0..i) lets SDPA use its fused CPU kernel.
     """
     B, H, T, D = q.shape
-    zero = q.new_zeros(B, H, 1, D)
-    k, v = torch.cat([zero, k], dim=2), torch.cat([zero, v], dim=2)
-    causal = torch.full((T, T), float("-inf"), device=q.device).triu(1)
-    mask = torch.cat([sink.view(H, 1, 1).expand(H, T, 1), causal.expand(H, T, T)], dim=-1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype))
+    if q.device.type != "cpu":
+        zero = q.new_zeros(B, H, 1, D)
+        k, v = torch.cat([zero, k], dim=2), torch.cat([zero, v], dim=2)
+        causal = torch.full((T, T), float("-inf"), device=q.device).triu(1)
+        mask = torch.cat([sink.view(H, 1, 1).expand(H, T, 1), causal.expand(H, T, T)], dim=-1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype))
+    scale = D**-0.5
+    sink_key = F.pad((sink.to(q.dtype) / scale).view(1, H, 1, 1).expand(B, H, 1, 1), (D, 0))
+    k = torch.cat([sink_key, F.pad(k, (0, 1))], dim=2)
+    y = F.scaled_dot_product_attention(F.pad(q, (0, 1), value=1.0), k, F.pad(v, (0, 1, 1, 0)),
+                                       attn_mask=causal_lower_right(T, T + 1), scale=scale)
+    return y[..., :D]
+
+
+class _RowLookup(torch.autograd.Function):
+    # table[idx] whose backward adds rows with index_add_: deterministic on a CPU (like F.embedding's) and
+    # several times faster there for a 2048 x 2048 table.
+    @staticmethod
+    def forward(ctx, table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(idx)
+        ctx.rows = table.shape[0]
+        return table.index_select(0, idx)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (idx,) = ctx.saved_tensors
+        return grad.new_zeros(ctx.rows, grad.shape[-1]).index_add_(0, idx, grad), None
 
 
 class MLP(nn.Module):
@@ -117,13 +149,7 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(cfg.d_model, cfg.d_mlp)
         self.act = nn.GELU() if cfg.activation == Activation.gelu else nn.ReLU()
         self.c_proj = nn.Linear(cfg.d_mlp, cfg.d_model)
-        self.sites = nn.ModuleDict(
-            {
-                "in": Site(topk_k(cfg, "mlp_in", cfg.d_model)),
-                "neuron": Site(topk_k(cfg, "mlp_neuron", cfg.d_mlp)),
-                "out": Site(topk_k(cfg, "mlp_out", cfg.d_model)),
-            }
-        )
+        self.sites = make_sites(cfg, "mlp", {"mlp_in": cfg.d_model, "mlp_neuron": cfg.d_mlp, "mlp_out": cfg.d_model})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.c_fc(self.sites["in"](x))
@@ -139,7 +165,7 @@ class Block(nn.Module):
         self.norm2 = make_norm(cfg)
         self.mlp = MLP(cfg)
         # The residual stream itself is never top-k'd; these sites only name it.
-        self.sites = nn.ModuleDict({"resid_pre": Site(), "resid_mid": Site(), "resid_post": Site()})
+        self.sites = nn.ModuleDict({kind: Site(kind, cfg.d_model) for kind in RESIDUAL})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.sites["resid_pre"](x)
@@ -150,9 +176,9 @@ class Block(nn.Module):
 class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        unknown = set(cfg.topk_sites) - set(TOPK_SITES)
+        unknown = set(cfg.topk_sites) - set(SITES)
         if unknown:
-            raise ValueError(f"model.topk_sites: unknown site(s) {sorted(unknown)}; choose from {list(TOPK_SITES)}")
+            raise ValueError(f"model.topk_sites: unknown site(s) {sorted(unknown)}; choose from {list(SITES)}")
         if cfg.d_model % cfg.d_head:
             raise ValueError(f"model.d_model={cfg.d_model} must be a multiple of model.d_head={cfg.d_head}")
         self.cfg = cfg
@@ -166,29 +192,31 @@ class GPT(nn.Module):
 
         self.sites: dict[str, Site] = {}  # stable name -> Site, e.g. "3.attn.q", "0.resid_mid"
         for i, block in enumerate(self.blocks):
-            for prefix, owner in ((f"{i}", block), (f"{i}.attn", block.attn), (f"{i}.mlp", block.mlp)):
-                for key, site in owner.sites.items():
-                    site.name = f"{prefix}.{key}"
-                    self.sites[site.name] = site
+            for site in (*block.sites.values(), *block.attn.sites.values(), *block.mlp.sites.values()):
+                site.name = site_name(i, site.kind)
+                self.sites[site.name] = site
+        for site in self.sites.values():
+            if site.k == 0:
+                raise ValueError(f"model.afrac={cfg.afrac} keeps none of the {site.dim} channels at {site.kind} (floor(afrac · "
+                                 f"{site.dim}) = 0), which would zero that site; raise model.afrac or drop {site.kind} from model.topk_sites")
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
         std = self.cfg.init_std
         for name, p in self.named_parameters():
-            if name == "bigram":
+            kind = role(name).kind
+            if kind == "bigram":
                 p.uniform_(0, 1).mul_(0.02)
-            elif name.endswith("c_proj.weight"):
+            elif kind == "gain":
+                p.fill_(1.0)
+            elif kind in ("bias", "sink"):
+                p.zero_()
+            elif writes_residual(name):
                 # Residual-writing projections are scaled down with depth (GPT-2).
                 p.normal_(0, std / math.sqrt(2 * self.cfg.n_layer))
-            elif name.endswith("bias"):
-                p.zero_()
-            elif p.dim() >= 2:
+            else:
                 p.normal_(0, std)
-            elif "norm" in name:
-                p.fill_(1.0)
-            else:  # attention sink logits
-                p.zero_()
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, last: torch.Tensor | None = None):
         """idx: [B, T] token ids. Returns (logits [B, T, vocab], loss or None).
@@ -206,10 +234,17 @@ class GPT(nn.Module):
         if last is not None:
             rows = torch.arange(idx.shape[0], device=idx.device)
             x, idx = x[rows, last], idx[rows, last]
-        logits = self.lm_head(self.norm_f(x))
-        if self.bigram is not None:
-            # F.embedding rather than bigram[idx]: its CPU backward is deterministic (index_put's is not).
-            logits = logits + F.embedding(idx, self.bigram)
+        h = self.norm_f(x)
+        if self.bigram is None:
+            logits = self.lm_head(h)
+        else:
+            # The row of the current token is added to the logits; addmm does it inside the matmul (one pass
+            # over the logits fewer). Under autocast the sum is kept in fp32, as the bigram table is.
+            rows = _RowLookup.apply(self.bigram, idx.reshape(-1)).view(*idx.shape, -1)
+            if torch.is_autocast_enabled(h.device.type):
+                logits = self.lm_head(h) + rows
+            else:
+                logits = torch.addmm(rows.flatten(0, -2), h.flatten(0, -2), self.lm_head.weight.t()).view_as(rows)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())

@@ -1,4 +1,4 @@
-"""The optimizer pieces of SPEC §2 around a plain torch Adam.
+"""The optimizer pieces of docs/method.md §2 around a plain torch Adam.
 
 Order of one step (see trainer.train_step): gradients → `normalize_gradients` → Adam (no weight decay, dense
 moments) → sparsity projection → `decay_weights` (decoupled decay, after the projection so zeros stay zero).
@@ -12,17 +12,19 @@ import torch
 import torch.nn as nn
 
 from sparse_lm.config import GradNorm, OptimConfig
+from sparse_lm.roles import role
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, fused: bool = False) -> torch.optim.Adam:
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Adam:
+    # The fused implementation, on CPUs as on GPUs: on 2 CPU cores it is ~10x faster than the foreach one.
     return torch.optim.Adam(
-        model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=0.0, fused=fused or None
+        model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=0.0, fused=True
     )
 
 
 def decay_params(model: nn.Module) -> list[nn.Parameter]:
-    """Weight decay applies to every ≥2-D parameter except the bigram table."""
-    return [p for name, p in model.named_parameters() if p.dim() >= 2 and not name.endswith("bigram")]
+    """The parameters weight decay applies to (sparse_lm.roles: every matrix except the bigram table)."""
+    return [p for name, p in model.named_parameters() if role(name).decays]
 
 
 @torch.no_grad()

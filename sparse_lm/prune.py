@@ -200,7 +200,8 @@ def run(cfg: PruneConfig) -> dict:
 
         torch.manual_seed(cfg.seed)
         random_model = GPT(mcfg.model).to(cfg.device).eval().requires_grad_(False)
-        Sparsifier(random_model, mcfg.sparsity, mcfg.train.max_steps).apply(state["step"])  # the checkpoint's densities
+        sparsifier = Sparsifier(random_model, mcfg.sparsity, mcfg.train.max_steps)
+        sparsifier.apply(sparsifier.plan(state["step"]))  # the checkpoint's densities
         means = cached_means(random_model, None, mcfg, cfg, space)
         result["random_init"] = prune_model(random_model, tokenizer, means, tasks, cfg, out / "random_init",
                                             "random-init control", control=True)

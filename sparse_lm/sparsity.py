@@ -1,4 +1,4 @@
-"""Weight sparsity by magnitude projection (SPEC §2), applied to a model from outside.
+"""Weight sparsity by magnitude projection (docs/method.md §2), applied to a model from outside.
 
 After every optimizer step each sparse parameter keeps exactly k = floor(density · numel) entries of largest
 |w| over the whole tensor and the rest are set to zero. Neurons are protected: every MLP neuron and every
@@ -16,36 +16,33 @@ import torch
 import torch.nn as nn
 
 from sparse_lm.config import SparsityConfig
+from sparse_lm.roles import role
 from sparse_lm.schedule import density_at
-
-# Which axis of a weight matrix (nn.Linear layout: [out, in]) indexes the neurons the j-rule protects:
-# 0 = each row is a neuron (c_fc, c_attn: q/k/v channels), 1 = each column (the c_proj that read them).
-NEURON_AXIS = {"attn.c_attn.weight": 0, "attn.c_proj.weight": 1, "mlp.c_fc.weight": 0, "mlp.c_proj.weight": 1}
-EMBEDDINGS = {"wte.weight", "wpe.weight", "lm_head.weight"}
-
 
 @dataclass
 class SparseParam:
     name: str
     param: nn.Parameter
-    kind: str  # "hidden" | "embed" | "bias"
+    kind: str  # "hidden" | "embed" | "bias" (sparse_lm.roles)
     neuron_axis: int | None  # axis whose slices keep >= j nonzeros; None = no minimum
 
 
-def sparse_params(model: nn.Module, cfg: SparsityConfig) -> list[SparseParam]:
-    """Every weight matrix, the embeddings and unembedding, and (if sparsify_biases) the biases.
+@dataclass(frozen=True)
+class Plan:
+    """The sparsity of one step, computed once and handed to the projection, the kernels and the logger."""
 
-    Never: norm gains, attention sink logits, the bigram table.
-    """
+    step: int
+    density: dict[str, float]  # per kind ("hidden", "embed", "bias")
+    k: dict[str, int]  # nonzeros each sparse parameter keeps, by name
+
+
+def sparse_params(model: nn.Module, cfg: SparsityConfig) -> list[SparseParam]:
+    """Every weight matrix, the embeddings and unembedding, and (if sparsify_biases) the biases (sparse_lm.roles)."""
     out = []
     for name, p in model.named_parameters():
-        axis = next((a for suffix, a in NEURON_AXIS.items() if name.endswith(suffix)), None)
-        if axis is not None:
-            out.append(SparseParam(name, p, "hidden", axis))
-        elif any(name.endswith(e) for e in EMBEDDINGS):
-            out.append(SparseParam(name, p, "embed", None))
-        elif name.endswith(".bias") and cfg.sparsify_biases:
-            out.append(SparseParam(name, p, "bias", None))
+        r = role(name)
+        if r.sparse(cfg.sparsify_biases):
+            out.append(SparseParam(name, p, r.kind, r.neuron_axis))
     return out
 
 
@@ -104,20 +101,20 @@ class Sparsifier:
         c = self.cfg
         if not c.enabled:
             return 1.0
-        t = step / self.total_steps
-        return density_at(t, self.targets()[kind], c.anneal_start, c.anneal_end, c.anneal)
+        return density_at(step / self.total_steps, self.targets()[kind], c.anneal_start, c.anneal_end, c.anneal)
 
-    def k(self, sp: SparseParam, step: int) -> int:
-        return math.floor(self.density(sp.kind, step) * sp.param.numel())
+    def plan(self, step: int) -> Plan:
+        density = {kind: self.density(kind, step) for kind in self.targets()}
+        return Plan(step, density, {sp.name: math.floor(density[sp.kind] * sp.param.numel()) for sp in self.params})
 
     def j(self, sp: SparseParam) -> int:
         return self.cfg.min_per_neuron if sp.neuron_axis is not None else 0
 
     @torch.no_grad()
-    def apply(self, step: int) -> None:
-        """Project every sparse parameter to its k at `step` (k = numel means dense: skipped)."""
+    def apply(self, plan: Plan) -> None:
+        """Project every sparse parameter to its k in `plan` (k = numel means dense: skipped)."""
         for sp in self.params:
-            k = self.k(sp, step)
+            k = plan.k[sp.name]
             if k < sp.param.numel():
                 sp.param.mul_(self.mask_fn(sp, k, self.j(sp)))
 

@@ -16,7 +16,7 @@ import os
 import signal
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,11 +27,13 @@ from sparse_lm.backends import Accelerator, install
 from sparse_lm.config import Config, Precision, to_yaml
 from sparse_lm.data.cache import TokenData, prepare
 from sparse_lm.data.loader import ChunkSampler, train_batch, val_batches
+from sparse_lm.hostmem import keep_freed_memory
 from sparse_lm.metrics import RunLogger, Throughput, format_duration
 from sparse_lm.model import GPT
 from sparse_lm.optim import build_optimizer, decay_params, decay_weights, normalize_gradients
 from sparse_lm.schedule import lr_multiplier
-from sparse_lm.sparsity import Sparsifier
+from sparse_lm.roles import role
+from sparse_lm.sparsity import Plan, Sparsifier
 
 log = logging.getLogger("sparse_lm")
 
@@ -55,6 +57,14 @@ class Run:
     sampler: ChunkSampler
     accum: int
     step: int = 0
+    params: list = field(init=False)  # every parameter (gradient normalisation)
+    decay: list = field(init=False)  # those weight decay applies to
+    final_density: float = field(init=False)  # hidden-matrix density at the end (the learning-rate factor)
+
+    def __post_init__(self):
+        self.params = list(self.model.parameters())
+        self.decay = decay_params(self.model)
+        self.final_density = self.sparsifier.density("hidden", self.cfg.train.max_steps)
 
     @property
     def tokens_per_step(self) -> int:
@@ -118,6 +128,7 @@ def find_resume(cfg: Config, run_dir: Path) -> Path | None:
 
 def setup(cfg: Config, run_dir: Path) -> Run:
     dist = distributed.init(cfg.train.device)
+    keep_freed_memory()
     if not dist.is_main:
         logging.getLogger().setLevel(logging.WARNING)
     accum = check_config(cfg, dist)
@@ -136,7 +147,7 @@ def setup(cfg: Config, run_dir: Path) -> Run:
     run = build_run(cfg, run_dir, dist, data, accum)
     if resume_from is not None:
         restore(run, resume_from)
-    run.accel.after_step(run.step)
+    run.accel.after_step(run.sparsifier.plan(run.step))
     if cfg.train.compile:
         run.train_model = torch.compile(run.train_model)
     if dist.enabled:
@@ -151,7 +162,7 @@ def build_run(cfg: Config, run_dir: Path, dist: distributed.Dist, data: TokenDat
     sparsifier = Sparsifier(model, cfg.sparsity, cfg.train.max_steps)
     compute_dtype = autocast_dtype(cfg, dist.device) or torch.float32
     accel = install(model, sparsifier, cfg.kernels, compute_dtype, tokens=cfg.train.micro_batch_size * cfg.model.ctx_len)
-    optimizer = build_optimizer(model, cfg.optim, fused=dist.device.type == "cuda")
+    optimizer = build_optimizer(model, cfg.optim)
     sampler = ChunkSampler(data.train, cfg.model.ctx_len, cfg.train.seed)
     return Run(cfg, run_dir, dist, data, model, model, optimizer, sparsifier, accel, sampler, accum)
 
@@ -187,20 +198,18 @@ def train_step(run: Run) -> tuple[torch.Tensor, dict]:
         (loss / run.accum).backward()
         total += loss.detach()
 
-    params = list(run.model.parameters())
-    norm, _ = normalize_gradients(params, cfg.optim.grad_norm, cfg.optim.grad_eps)
-    density = run.sparsifier.density("hidden", n)
-    final = run.sparsifier.density("hidden", cfg.train.max_steps)
-    lr = cfg.optim.lr * lr_multiplier(n / cfg.train.max_steps, cfg.optim.warmup, density, final)
+    norm, _ = normalize_gradients(run.params, cfg.optim.grad_norm, cfg.optim.grad_eps)
+    plan = run.sparsifier.plan(n)  # the one place this step's densities and k's are computed
+    lr = cfg.optim.lr * lr_multiplier(n / cfg.train.max_steps, cfg.optim.warmup, plan.density["hidden"], run.final_density)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
-    run.sparsifier.apply(n)
-    decay_weights(decay_params(run.model), cfg.optim.weight_decay, lr)
-    run.accel.after_step(n)
+    run.sparsifier.apply(plan)
+    decay_weights(run.decay, cfg.optim.weight_decay, lr)
+    run.accel.after_step(plan)
     run.step = n
-    return total / run.accum, {"lr": lr, "density": density, "grad_norm": norm}
+    return total / run.accum, {"lr": lr, "plan": plan, "grad_norm": norm}
 
 
 @torch.no_grad()
@@ -220,18 +229,19 @@ def evaluate(run: Run) -> dict:
     return {"val_loss": val_loss, "val_bpb": val_loss / math.log(2) / run.data.val_bytes_per_token}
 
 
-def flops_per_token(run: Run) -> tuple[float, float]:
+def flops_per_token(run: Run, plan: Plan) -> tuple[float, float]:
     """(dense-equivalent, effective) training FLOPs per token.
 
-    Dense counts 6 FLOPs per matmul weight; effective counts what the exact sparse method must do: forward and
-    dX over the nonzeros only (2 + 2 per nonzero), dW dense (2 per weight). Attention scores add 12·L·T·d.
+    Dense counts 6 FLOPs per matmul weight (the hidden matrices and the unembedding); effective counts what the
+    exact sparse method must do: forward and dX over the nonzeros only (2 + 2 per nonzero), dW dense (2 per
+    weight). Attention scores add 12·L·T·d.
     """
     attn = 12 * run.cfg.model.n_layer * run.cfg.model.ctx_len * run.cfg.model.d_model
     dense, nnz = 0, 0
     for name, p in run.model.named_parameters():
-        if p.dim() >= 2 and name not in ("bigram", "wte.weight", "wpe.weight"):
+        if role(name).kind == "hidden" or name == "lm_head.weight":
             dense += p.numel()
-            nnz += int((p != 0).sum())
+            nnz += plan.k.get(name, p.numel())
     return 6 * dense + attn, 2 * dense + 4 * nnz + attn
 
 
@@ -277,15 +287,17 @@ def log_step(run: Run, logger: RunLogger, meter: Throughput, loss: torch.Tensor,
     n = run.step
     loss_value = mean_loss_checked(run, loss)
     tps = meter.tokens_per_sec(run.tokens_per_step)
-    row = {"step": n, "loss": loss_value, "lr": stats["lr"], "density": stats["density"], "tokens_per_sec": tps,
+    plan = stats["plan"]
+    row = {"step": n, "loss": loss_value, "lr": stats["lr"], "density": plan.density["hidden"], "tokens_per_sec": tps,
            "grad_norm": stats["grad_norm"].item(), "tokens": n * run.tokens_per_step}
     scalars = {"train/loss": loss_value, "lr": stats["lr"], "grad_norm": row["grad_norm"], "tokens_per_sec": tps}
     if run.dist.is_main:
+        # The projection keeps exactly k (inspect checks it), so the plan's k is the count: no host sync.
         for sp in run.sparsifier.params:
-            scalars[f"density/{sp.name}"] = (sp.param != 0).sum().item() / sp.param.numel()
+            scalars[f"density/{sp.name}"] = plan.k[sp.name] / sp.param.numel()
         peak = peak_flops(run.dist.device)
         if peak:
-            dense, effective = flops_per_token(run)
+            dense, effective = flops_per_token(run, plan)
             per_gpu = tps / run.dist.world  # tps counts every process's tokens; peak is one GPU's
             scalars.update({"mfu/dense_equivalent": per_gpu * dense / peak, "mfu/effective": per_gpu * effective / peak})
     logger.write(row, scalars)

@@ -29,10 +29,10 @@ def test_installed_kernels_give_the_reference_logits_and_gradients():
     keys = list(model.state_dict())
     accel = install(model, sp, ALL_TRITON, torch.float32)
     assert list(model.state_dict()) == keys  # same parameter names: checkpoints are interchangeable
-    ref_sp.apply(10)
-    sp.apply(10)  # radix select: the same survivors
+    ref_sp.apply(ref_sp.plan(10))
+    sp.apply(sp.plan(10))  # radix select: the same survivors
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ref_model.state_dict().values()))
-    accel.after_step(10)
+    accel.after_step(sp.plan(10))
     assert set(accel.modes().values()) == {"triton"} and len(accel.modes()) == 8
     idx = torch.randint(0, 64, (3, 12), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     logits, loss = model(idx, idx)
@@ -47,19 +47,19 @@ def test_installed_kernels_give_the_reference_logits_and_gradients():
 def test_layer_modes_follow_the_schedule_and_the_crossover():
     model, sp = model_and_sparsifier()
     accel = install(model, sp, KernelsConfig(backend=Backend.auto, crossover=0.3), torch.float32)
-    accel.after_step(0)
+    accel.after_step(sp.plan(0))
     assert set(accel.modes().values()) == {"dense"}  # dense phase
     assert accel.on_gpu == (DEVICE == "cuda")
     accel.on_gpu = False
-    accel.after_step(10)
+    accel.after_step(sp.plan(10))
     assert set(accel.modes().values()) == {"dense"}  # auto never leaves dense on the CPU
     accel.on_gpu = True
-    assert [accel.mode(p, s) for p, _ in accel.layers[:1] for s in (0, 3, 10)] == ["dense", "dense", "triton"]
+    assert [accel.mode(p, sp.plan(s)) for p, _ in accel.layers[:1] for s in (0, 3, 10)] == ["dense", "dense", "triton"]
     accel.crossovers[tuple(accel.layers[0][0].param.shape)] = 0.1  # a calibrated crossover below this density
-    assert accel.mode(accel.layers[0][0], 10) == "dense"
+    assert accel.mode(accel.layers[0][0], sp.plan(10)) == "dense"
     model, sp = model_and_sparsifier()
     accel = install(model, sp, KernelsConfig(backend=Backend.torch_sparse), torch.float32)
-    accel.after_step(10)
+    accel.after_step(sp.plan(10))
     assert set(accel.modes().values()) == {"torch_sparse"}
 
 
@@ -89,8 +89,8 @@ def test_refreshing_the_compressed_copies_does_not_recompile_a_compiled_model():
     accel = install(model, sp, KernelsConfig(backend=Backend.triton), torch.float32)
     compiled = torch.compile(model, backend="aot_eager")
     idx = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(2)).to(DEVICE)
-    sp.apply(8)
-    accel.after_step(8)
+    sp.apply(sp.plan(8))
+    accel.after_step(sp.plan(8))
     compiled(idx, idx)[1].backward()
     before = [id(layer.fwd.vals) for _, layer in accel.layers]
     with torch._dynamo.config.patch(error_on_recompile=True):
@@ -98,8 +98,8 @@ def test_refreshing_the_compressed_copies_does_not_recompile_a_compiled_model():
             with torch.no_grad():
                 for p in model.parameters():
                     p.add_(0.01 * torch.randn_like(p))
-            sp.apply(step)
-            accel.after_step(step)
+            sp.apply(sp.plan(step))
+            accel.after_step(sp.plan(step))
             logits, loss = compiled(idx, idx)
             loss.backward()
             torch.testing.assert_close(logits, model(idx)[0], rtol=1e-5, atol=1e-5)

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparse_lm.config import TOPK_SITES, Activation, ModelConfig, Norm, PosEmb
+from sparse_lm.config import Activation, ModelConfig, Norm, PosEmb
 from sparse_lm.hooks import mean_ablate, patch, record
 from sparse_lm.model import GPT, abstopk, attention_with_sink
 

@@ -40,7 +40,7 @@ def test_scheduled_k_never_grows_and_embeddings_follow_their_own_target(anneal):
     model = small_model()
     sp = Sparsifier(model, SparsityConfig(hidden_density=0.25, embed_density=0.5, anneal=anneal), total_steps=200)
     for p in sp.params:
-        ks = [sp.k(p, step) for step in range(201)]
+        ks = [sp.plan(step).k[p.name] for step in range(201)]
         assert ks[0] == p.param.numel() and all(a >= b for a, b in zip(ks, ks[1:]))
         assert ks[-1] == math.floor({"hidden": 0.25, "embed": 0.5}[p.kind] * p.param.numel())
         assert ks[100] == ks[-1]  # the target is reached at anneal_end = 50%
