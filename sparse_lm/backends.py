@@ -86,7 +86,7 @@ def install(model: nn.Module, sparsifier: Sparsifier, cfg: KernelsConfig, dtype:
 
 def calibrated_crossovers(shapes: list[tuple[int, int]], tokens: int, dtype: torch.dtype) -> dict:
     """Per shape, the largest density at which the Triton layer step beats the dense one (cached on disk)."""
-    from kernels.bench import crossover_density
+    from kernels.crossover import crossover_density
     from sparse_lm.data.cache import default_cache_dir
 
     path = default_cache_dir() / "crossover.json"

@@ -221,6 +221,13 @@ class BenchConfig:
     train_steps: int = 20  # timed steps per setting (after 3 warm-up steps); a setting may hold several overrides
     compare_steps: int = 200  # steps from scratch whose losses are compared between settings (0: skip)
     cpu_compare_steps: int = 20
+    # mode=versus: this checkout against another git revision, both on the CPU, in turns, in one process
+    baseline: str = "HEAD"  # any git revision of this repository
+    versus_overrides: list[str] = field(default_factory=list)  # applied to both sides' default config
+    versus_steps: Optional[int] = None  # default: the whole schedule (train.max_steps)
+    versus_chunk: int = 10  # steps each side takes per turn
+    versus_noise_steps: int = 100  # steps of the 1-ulp fp32-noise yardstick
+    versus_check_every: int = 25  # compare the projection's survivors with the baseline's every this many steps
 
 
 @dataclass

@@ -35,7 +35,7 @@ def abstopk(x: torch.Tensor, k: int) -> torch.Tensor:
         # a CPU): the same entries are kept, ties included.
         mag = mag.view(torch.int32)
     idx = mag.topk(k, dim=-1, sorted=False).indices
-    return torch.zeros_like(x).scatter(-1, idx, x.gather(-1, idx))
+    return torch.zeros_like(x).scatter_(-1, idx, x.gather(-1, idx))
 
 
 class Site(nn.Module):

@@ -47,7 +47,7 @@ def sparse_params(model: nn.Module, cfg: SparsityConfig) -> list[SparseParam]:
 
 
 def topk_mask(scores: torch.Tensor, k: int, dim: int | None = None) -> torch.Tensor:
-    """Boolean mask of exactly k largest scores (over the whole tensor, or per slice along `dim`).
+    """Boolean mask of exactly k largest non-negative scores (over the whole tensor, or per slice along `dim`).
 
     Ties at the threshold go to the lowest index. No host synchronisation: the count of tied entries to
     take is a tensor.
@@ -59,6 +59,8 @@ def topk_mask(scores: torch.Tensor, k: int, dim: int | None = None) -> torch.Ten
         return torch.ones_like(scores, dtype=torch.bool)
     if k <= 0:
         return torch.zeros_like(scores, dtype=torch.bool)
+    if scores.dtype == torch.float32:
+        scores = scores.view(torch.int32)  # non-negative floats order like their bit patterns; ints compare faster
     threshold = scores.topk(k, dim=dim, sorted=False).values.amin(dim=dim, keepdim=True)
     above = scores > threshold
     tied = scores == threshold

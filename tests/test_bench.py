@@ -1,4 +1,4 @@
-"""`python -m kernels.bench` on the CPU: the reference backends at small shapes, and the training mode."""
+"""`python -m sparse_lm.bench` on the CPU: the reference backends at small shapes, and the training mode."""
 
 import json
 import subprocess
@@ -8,7 +8,7 @@ from tests.conftest import REPO
 
 
 def bench(tmp_path, *overrides):
-    cmd = [sys.executable, "-m", "kernels.bench", f"hydra.run.dir={tmp_path}", "warmup_ms=1", "rep_ms=5", *overrides]
+    cmd = [sys.executable, "-m", "sparse_lm.bench", f"hydra.run.dir={tmp_path}", "warmup_ms=1", "rep_ms=5", *overrides]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc.stdout, json.loads((tmp_path / "results.json").read_text())

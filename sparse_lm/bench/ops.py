@@ -1,8 +1,7 @@
-"""`python -m kernels.bench`: time each sparse op against its references on the same inputs, in one process.
+"""`python -m sparse_lm.bench` (mode=ops): time each sparse op against its references on the same inputs.
 
-    python -m kernels.bench                      # ops: SpMM forward / dX / layer step, selection, AbsTopK
-    python -m kernels.bench mode=train           # whole training steps, kernels=default vs kernels=fast
-    python -m kernels.bench densities=[0.01] tokens=16384 shapes=[[4096,1024]]
+    python -m sparse_lm.bench                      # SpMM forward / dX / layer step, selection, AbsTopK
+    python -m sparse_lm.bench densities=[0.01] tokens=16384 shapes=[[4096,1024]]
 
 Ratios are dense time / backend time, measured side by side. On a CPU the reference backends run at small
 shapes (the Triton kernels need CUDA there). Writes table.txt, results.json and a PNG to the run directory.
@@ -16,48 +15,15 @@ import platform
 import time
 from pathlib import Path
 
-import hydra
 import torch
-import torch.nn.functional as F
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
+from kernels.crossover import layer_ops, random_sparse_weight
 from kernels.runtime import time_ms
-from sparse_lm.config import BenchConfig, register_configs
-from sparse_lm.distributed import pick_device
+from sparse_lm.config import BenchConfig
 from sparse_lm.sparsity import projection_mask, protected_mask
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def sparse_weight(shape, density: float, device, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator(device=device).manual_seed(seed)
-    w = torch.randn(*shape, device=device, generator=g) * 0.02
-    return w * projection_mask(w, max(1, math.floor(density * w.numel())))
-
-
-def layer_ops(w: torch.Tensor, tokens: int, dtype: torch.dtype, backends: list[str]) -> dict[str, dict]:
-    """For each backend, callables for forward (Y = X·Wᵀ), dX (= dY·W) and a layer step (forward, dX, dense dW)."""
-    from kernels.compress import compress
-    from kernels.spmm import matmul_t
-
-    out, inp = w.shape
-    k = int((w != 0).sum())
-    x = torch.randn(tokens, inp, device=w.device, dtype=dtype)
-    dy = torch.randn(tokens, out, device=w.device, dtype=dtype)
-    wd = w.to(dtype)
-    ops = {"dense": {"forward": lambda: F.linear(x, wd), "dx": lambda: dy @ wd}}
-    for impl in backends:
-        if impl == "dense":
-            continue
-        fwd, bwd = compress(w, k, dtype), compress(w.t(), k, dtype)
-        if impl == "torch_sparse":
-            fwd.to_torch_sparse(), bwd.to_torch_sparse()  # built once, as in training
-        ops[impl] = {"forward": lambda f=fwd, i=impl: matmul_t(x, f, i), "dx": lambda b=bwd, i=impl: matmul_t(dy, b, i),
-                     "rebuild": lambda: (compress(w, k, dtype), compress(w.t(), k, dtype))}
-    for impl, o in ops.items():
-        o["step"] = lambda o=o: (o["forward"](), o["dx"](), dy.t() @ x)
-    return ops
 
 
 def flops_and_bytes(op: str, impl: str, shape, nnz: int, tokens: int, elem: int) -> tuple[float, float]:
@@ -83,7 +49,7 @@ def bench_spmm(cfg: BenchConfig, device, cuda: bool) -> list[dict]:
     rows = []
     for shape in shapes:
         for density in cfg.densities:
-            w = sparse_weight(shape, density, device)
+            w = random_sparse_weight(shape, density, device)
             nnz = int((w != 0).sum())
             ops = layer_ops(w, tokens, dtype, backends)
             rel_err = {}
@@ -108,16 +74,6 @@ def bench_spmm(cfg: BenchConfig, device, cuda: bool) -> list[dict]:
             del ops
             print_progress(f"spmm {shape[0]}x{shape[1]} density {density}")
     return rows
-
-
-def crossover_density(shape, tokens: int, dtype: torch.dtype, densities=(0.1, 0.06, 0.04, 0.03, 0.02, 0.01)) -> float:
-    """The largest density at which the Triton layer step beats the dense one on this GPU (0 if none does)."""
-    device = torch.device("cuda")
-    for density in sorted(densities, reverse=True):
-        ops = layer_ops(sparse_weight(shape, density, device), tokens, dtype, ["dense", "triton"])
-        if time_ms(ops["triton"]["step"], True) < time_ms(ops["dense"]["step"], True):
-            return density
-    return 0.0
 
 
 def bench_select(cfg: BenchConfig, device, cuda: bool) -> list[dict]:
@@ -267,23 +223,3 @@ def run_ops(cfg: BenchConfig, device: torch.device, out_dir: Path) -> dict:
     print(table)
     print(f"\nwrote {out_dir}/table.txt, results.json, speedup.png")
     return result
-
-
-@hydra.main(config_path="../conf", config_name="bench", version_base="1.3")
-def main(dcfg: DictConfig) -> None:
-    cfg: BenchConfig = OmegaConf.to_object(dcfg)
-    device = pick_device(cfg.device)
-    out_dir = Path(HydraConfig.get().runtime.output_dir)
-    if cfg.mode == "ops":
-        run_ops(cfg, device, out_dir)
-    elif cfg.mode == "train":
-        from kernels.bench_train import run_training
-
-        run_training(cfg, device, out_dir)
-    else:
-        raise ValueError(f"mode={cfg.mode!r}: choose ops or train")
-
-
-if __name__ == "__main__":
-    register_configs()
-    main()

@@ -1,4 +1,4 @@
-"""`python -m kernels.bench mode=train`: whole training steps, one run per kernels setting, in one process.
+"""`python -m sparse_lm.bench mode=train`: whole training steps, one run per kernels setting, in one process.
 
 Each setting builds the same model (same seed) with the trainer's own code on synthetic tokens, jumps to the
 final density (projection at the end of the anneal) and times `train_steps` optimizer steps: tokens/s and peak
@@ -44,8 +44,9 @@ def sync(device: torch.device) -> None:
 def time_final_density(cfg: Config, device: torch.device, steps: int) -> dict:
     run = new_run(cfg, device)
     run.step = math.ceil(cfg.sparsity.anneal_end * cfg.train.max_steps)  # the anneal is over from here on
-    run.sparsifier.apply(run.step)
-    run.accel.after_step(run.step)
+    plan = run.sparsifier.plan(run.step)
+    run.sparsifier.apply(plan)
+    run.accel.after_step(plan)
     for _ in range(3):
         train_step(run)
     sync(device)
@@ -61,7 +62,7 @@ def time_final_density(cfg: Config, device: torch.device, steps: int) -> dict:
         "tokens_per_sec": steps * run.tokens_per_step / elapsed,
         "ms_per_step": elapsed / steps * 1e3,
         "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
-        "density": run.sparsifier.density("hidden", run.step),
+        "density": plan.density["hidden"],
         "matmul_modes": modes,
         "loss": loss.item(),
     }
@@ -74,7 +75,7 @@ def losses_from_scratch(cfg: Config, device: torch.device, steps: int) -> list[f
 
 
 def run_training(bench: BenchConfig, device: torch.device, out_dir: Path) -> dict:
-    from kernels.bench import environment
+    from sparse_lm.bench.ops import environment
 
     cuda = device.type == "cuda"
     overrides = (bench.train_overrides if cuda else bench.cpu_train_overrides) + [f"train.device={device}"]

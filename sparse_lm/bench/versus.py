@@ -1,0 +1,240 @@
+"""`python -m sparse_lm.bench mode=versus baseline=<git revision>`: this checkout's training against another revision's.
+
+The baseline's `sparse_lm` package and `conf/` are taken from git (`git archive`) into a temporary directory and
+imported under another name, so both implementations run in one process on one machine. Each composes its own
+default config (plus `versus_overrides`), builds its model from the same seed on the same token cache, and they
+take optimizer steps in turn, `versus_chunk` steps at a time, over the whole schedule (or `versus_steps`). Reported:
+
+- tokens/s of each, over all steps and per phase (dense, anneal, final density), and their ratio;
+- the largest per-step loss difference, next to a yardstick for fp32 noise: the baseline against itself with every
+  initial weight moved by one ulp (`versus_noise_steps` steps);
+- whether the projection keeps the same entries: every `versus_check_every` steps this checkout's projection is
+  compared with the baseline's projection function on the same pre-projection weights (time not counted).
+
+glibc's malloc settings are process-wide, so the baseline's turns run with malloc's default behaviour restored
+(a dynamic mmap threshold, which settles at 32 MB) and this checkout's with its own (sparse_lm.hostmem). A third
+run, the baseline with this checkout's malloc settings, shows how much of the gain the allocator alone gives.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.initialize import get_gh_backup, restore_gh_from_backup
+
+import sparse_lm
+from sparse_lm.hostmem import KEEP, set_malloc
+from sparse_lm.config import BenchConfig
+
+REPO = Path(sparse_lm.__file__).resolve().parents[1]
+GLIBC_DEFAULT = (32 << 20, 64 << 20)  # where malloc's dynamic mmap and trim thresholds settle on 64-bit Linux
+
+
+def import_revision(rev: str, name: str = "sparse_lm_baseline") -> tuple[object, Path]:
+    """The package `sparse_lm` of git revision `rev`, imported as `name`; and that revision's conf/ directory."""
+    dest = Path(tempfile.mkdtemp(prefix="versus-"))
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "sparse_lm", "conf"], capture_output=True)
+    if archive.returncode:
+        raise ValueError(f"baseline={rev}: git archive failed: {archive.stderr.decode().strip()}")
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
+    (dest / "sparse_lm").rename(dest / name)
+    for path in (dest / name).rglob("*.py"):
+        path.write_text(re.sub(r"\b(from|import) sparse_lm\b", rf"\1 {name}", path.read_text()))
+    sys.path.insert(0, str(dest))
+    return importlib.import_module(name), dest / "conf"
+
+
+def compose_in(conf_dir: Path, package, overrides: list[str]):
+    """Compose `conf_dir`'s config with `package`'s schemas, inside or outside a running Hydra app."""
+    package.config.register_configs()  # the ConfigStore is global: each side registers its schemas just before composing
+    backup = get_gh_backup()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+            return package.config.to_object(compose("config", overrides=overrides))
+    finally:
+        restore_gh_from_backup(backup)
+
+
+class Side:
+    """One implementation's training run, stepped from outside."""
+
+    def __init__(self, label: str, package, conf_dir: Path, overrides: list[str], malloc: tuple[int, int] | None):
+        trainer = importlib.import_module(f"{package.__name__}.trainer")
+        dist_mod = importlib.import_module(f"{package.__name__}.distributed")
+        cache = importlib.import_module(f"{package.__name__}.data.cache")
+        self.label, self.package, self.trainer, self.malloc = label, package, trainer, malloc
+        self.cfg = compose_in(conf_dir, package, overrides + ["train.device=cpu"])
+        dist = dist_mod.Dist(device=torch.device("cpu"))
+        self.run = trainer.build_run(self.cfg, Path(tempfile.mkdtemp(prefix=f"versus-{label}-")), dist, cache.prepare(self.cfg.data),
+                                     trainer.check_config(self.cfg, dist))
+        self.losses: list[float] = []
+        self.seconds: list[float] = []  # per step
+
+    def steps(self, n: int, excluded: list[float] | None = None) -> None:
+        if self.malloc is not None:
+            set_malloc(*self.malloc)
+        for _ in range(n):
+            before = sum(excluded) if excluded is not None else 0.0
+            t0 = time.perf_counter()
+            loss, _ = self.trainer.train_step(self.run)
+            value = loss.item()
+            spent = time.perf_counter() - t0 - ((sum(excluded) - before) if excluded is not None else 0.0)
+            self.losses.append(value)
+            self.seconds.append(spent)
+
+
+def check_survivors(side: Side, baseline_pkg, every: int, record: list[dict], excluded: list[float]) -> None:
+    """Wrap this checkout's projection: every `every` steps, compare it with the baseline's on the same weights."""
+    sparsifier = side.run.sparsifier
+    apply = sparsifier.apply
+    reference = importlib.import_module(f"{baseline_pkg.__name__}.sparsity").projection_mask
+
+    def checked(plan) -> None:
+        if plan.step % every:
+            return apply(plan)
+        t0 = time.perf_counter()
+        before = {sp.name: sp.param.detach().clone() for sp in sparsifier.params}
+        t1 = time.perf_counter()
+        apply(plan)
+        t2 = time.perf_counter()
+        same, total = 0, 0
+        for sp in sparsifier.params:
+            k = plan.k[sp.name]
+            if k >= sp.param.numel():
+                continue
+            ref = reference(before[sp.name], k, sparsifier.j(sp), sp.neuron_axis)
+            total += 1
+            same += bool(torch.equal(sp.param.detach(), before[sp.name] * ref))
+        record.append({"step": plan.step, "params_checked": total, "identical": same})
+        excluded.append((t1 - t0) + (time.perf_counter() - t2))
+
+    sparsifier.apply = checked
+
+
+def perturbed_by_one_ulp(side: Side) -> None:
+    with torch.no_grad():
+        for p in side.run.model.parameters():
+            p.copy_(torch.nextafter(p, torch.full_like(p, float("inf"))))
+
+
+def phases(cfg, steps: int) -> dict[str, range]:
+    s = cfg.sparsity
+    start, end = round(s.anneal_start * cfg.train.max_steps), round(s.anneal_end * cfg.train.max_steps)
+    return {"dense": range(0, min(start, steps)), "anneal": range(min(start, steps), min(end, steps)), "final": range(min(end, steps), steps)}
+
+
+def tokens_per_sec(side: Side, steps: range) -> float | None:
+    if not len(steps):
+        return None
+    return len(steps) * side.run.tokens_per_step / sum(side.seconds[i] for i in steps)
+
+
+def run_versus(bench: BenchConfig, out_dir: Path) -> dict:
+    baseline_pkg, baseline_conf = import_revision(bench.baseline)
+    sides = {
+        "baseline": Side("baseline", baseline_pkg, baseline_conf, bench.versus_overrides, GLIBC_DEFAULT),
+        "baseline+malloc": Side("baseline+malloc", baseline_pkg, baseline_conf, bench.versus_overrides, KEEP),
+        "this checkout": Side("this", sparse_lm, REPO / "conf", bench.versus_overrides, KEEP),
+    }
+    this = sides["this checkout"]
+    steps = bench.versus_steps or this.cfg.train.max_steps
+    survivors, excluded = [], []
+    check_survivors(this, baseline_pkg, bench.versus_check_every, survivors, excluded)
+    same_init = all(torch.equal(a, b) for a, b in zip(sides["baseline"].run.model.state_dict().values(),
+                                                      this.run.model.state_dict().values()))
+    print(f"[{time.strftime('%H:%M:%S')}] baseline {bench.baseline} vs this checkout: {steps} steps each, in turns of "
+          f"{bench.versus_chunk}; same initial weights: {same_init}", flush=True)
+    done = 0
+    while done < steps:
+        n = min(bench.versus_chunk, steps - done)
+        for side in sides.values():
+            side.steps(n, excluded if side is this else None)
+        done += n
+        last = {k: f"{s.losses[-1]:.4f}" for k, s in sides.items()}
+        recent = {k: sum(s.seconds[-n:]) / n * 1e3 for k, s in sides.items()}
+        print(f"[{time.strftime('%H:%M:%S')}] step {done}/{steps} | loss {last} | ms/step "
+              + ", ".join(f"{k} {v:.0f}" for k, v in recent.items()), flush=True)
+
+    noise_steps = min(bench.versus_noise_steps, steps)
+    yardstick = Side("ulp", baseline_pkg, baseline_conf, bench.versus_overrides, KEEP)
+    perturbed_by_one_ulp(yardstick)
+    yardstick.steps(noise_steps)
+
+    base, result = sides["baseline"], {"baseline": bench.baseline, "steps": steps, "overrides": bench.versus_overrides,
+                                       "same_initial_weights": same_init, "sides": {}}
+    for label, side in sides.items():
+        row = {"tokens_per_sec": tokens_per_sec(side, range(steps)),
+               "phases": {p: tokens_per_sec(side, r) for p, r in phases(this.cfg, steps).items()},
+               "losses": side.losses}
+        row["speedup"] = row["tokens_per_sec"] / tokens_per_sec(base, range(steps))
+        row["max_abs_loss_diff"] = max(abs(a - b) for a, b in zip(side.losses, base.losses))
+        row["max_abs_loss_diff_first"] = max(abs(a - b) for a, b in zip(side.losses[:noise_steps], base.losses[:noise_steps]))
+        result["sides"][label] = row
+    result["noise_yardstick"] = {"steps": noise_steps, "max_abs_loss_diff": max(
+        abs(a - b) for a, b in zip(yardstick.losses, base.losses[:noise_steps]))}
+    result["survivor_checks"] = survivors
+    result["environment"] = {"cpu_threads": torch.get_num_threads(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M")}
+    write_report(result, out_dir)
+    return result
+
+
+def write_report(result: dict, out_dir: Path) -> None:
+    noise = result["noise_yardstick"]
+    checks = result["survivor_checks"]
+    lines = [f"this checkout vs {result['baseline']}, {result['steps']} steps each, {result['environment']}",
+             f"{'run':<18} {'tokens/s':>9} {'dense':>8} {'anneal':>8} {'final':>8} {'speed-up':>9} "
+             f"{'max |Δloss| first ' + str(noise['steps']):>22} {'max |Δloss| all':>16}"]
+    for label, row in result["sides"].items():
+        ph = row["phases"]
+        cell = lambda v: "-" if v is None else f"{v:,.0f}"  # noqa: E731
+        lines.append(f"{label:<18} {row['tokens_per_sec']:>9,.0f} {cell(ph['dense']):>8} {cell(ph['anneal']):>8} {cell(ph['final']):>8} "
+                     f"{row['speedup']:>8.2f}x {row['max_abs_loss_diff_first']:>22.2e} {row['max_abs_loss_diff']:>16.2e}")
+    lines.append(f"fp32 noise yardstick (baseline vs itself with initial weights moved 1 ulp, {noise['steps']} steps): "
+                 f"max |Δloss| {noise['max_abs_loss_diff']:.2e}")
+    identical = sum(c["identical"] for c in checks)
+    total = sum(c["params_checked"] for c in checks)
+    lines.append(f"projection survivors identical to the baseline's projection_mask: {identical}/{total} parameter-steps "
+                 f"(at {len(checks)} steps)")
+    table = "\n".join(lines)
+    (out_dir / "table.txt").write_text(table + "\n")
+    (out_dir / "results.json").write_text(json.dumps(result, indent=1))
+    plot(result, out_dir / "versus.png")
+    print(table)
+    print(f"\nwrote {out_dir}/table.txt, results.json, versus.png")
+
+
+def plot(result: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, mid, right) = plt.subplots(1, 3, figsize=(15, 3.8))
+    labels = list(result["sides"])
+    left.bar(labels, [result["sides"][k]["tokens_per_sec"] for k in labels], color=["gray", "silver", "tab:blue"])
+    left.set(title="training tokens/s (whole run)")
+    base = result["sides"]["baseline"]["losses"]
+    for label in labels:
+        row = result["sides"][label]
+        mid.plot(range(1, len(row["losses"]) + 1), row["losses"], lw=1, label=label)
+        if label != "baseline":
+            right.semilogy(range(1, len(base) + 1), [abs(a - b) + 1e-12 for a, b in zip(row["losses"], base)], lw=1, label=label)
+    right.axhline(result["noise_yardstick"]["max_abs_loss_diff"], color="k", ls=":", label="1-ulp yardstick (max)")
+    mid.set(title="training loss", xlabel="step")
+    right.set(title="|loss − baseline loss|", xlabel="step")
+    mid.legend(fontsize=8)
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
