@@ -1,4 +1,4 @@
-"""Atomic, self-contained checkpoints (SPEC §7).
+"""Atomic, self-contained checkpoints.
 
 Layout of a run directory's `checkpoints/`:
 
@@ -9,7 +9,8 @@ Layout of a run directory's `checkpoints/`:
 Each step directory is written under a temporary name and renamed when complete, then `latest` is swapped
 atomically; a crash at any point leaves the previous checkpoint as `latest`. Tensors are saved with
 torch.save and read back with `weights_only=True`, so loading never unpickles arbitrary objects.
-A checkpoint carries its resolved config and tokenizer, so `sample` and `inspect` need nothing else.
+A checkpoint carries its resolved config and tokenizer, so `sample` and `inspect` need nothing else. A file that
+cannot be read is reported by name, with the newest intact checkpoint before it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from sparse_lm.errors import UserError
 from sparse_lm.fsutil import atomic_directory, fsync_dir, remove_stale_temporaries, write_json, write_text
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -57,7 +59,7 @@ def resolve(path: str | Path) -> Path:
         found = latest(root)
         if found is not None:
             return found
-    raise FileNotFoundError(f"{path}: no checkpoint here (expected a run directory, its checkpoints/, or a step-N directory)")
+    raise UserError(f"{path}: no checkpoint here (expected a run directory, its checkpoints/, or a step-N directory)")
 
 
 def rng_state() -> dict:
@@ -111,13 +113,75 @@ def point_latest(ckpt_root: Path, name: str) -> None:
     fsync_dir(ckpt_root)
 
 
+FILES = ("model.pt", "optimizer.pt", "rng.pt", "state.json", "config.yaml", "tokenizer.json")
+
+
+def intact(ckpt: Path) -> bool:
+    """Whether every file of a checkpoint is there and parses (tensors are mapped, not read)."""
+    try:
+        for name in FILES:
+            path = Path(ckpt) / name
+            if name.endswith(".pt"):
+                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            elif name.endswith(".json"):
+                json.loads(path.read_text())
+            elif not path.is_file():
+                return False
+        return True
+    except Exception:
+        return False
+
+
+def damaged(path: Path, error: Exception) -> UserError:
+    """The error for an unreadable checkpoint file: which file, and which earlier checkpoint is intact."""
+    ckpt = Path(path).parent
+    earlier = [d for d in step_dirs(ckpt.parent) if STEP_DIR.match(ckpt.name) and step_of(d) < step_of(ckpt)]
+    good = next((d for d in reversed(earlier) if intact(d)), None)
+    hint = (f"the newest intact checkpoint before it is {good}: resume from it with train.resume={good} "
+            f"(into another hydra.run.dir, or after deleting {ckpt})" if good else "no earlier checkpoint of this run is intact")
+    return UserError(f"{path} cannot be read ({type(error).__name__}: {str(error).splitlines()[0][:160]}); the checkpoint "
+                     f"{ckpt.name} is damaged (truncated or overwritten?); {hint}")
+
+
+def read(path: Path, map_location="cpu"):
+    """torch.load (weights only) or json, with a damaged file reported by name."""
+    try:
+        if path.suffix == ".json":
+            return json.loads(path.read_text())
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError as e:
+        raise damaged(path, e) from None
+    except Exception as e:  # a truncated zip, a half-written JSON, ...
+        raise damaged(path, e) from None
+
+
+def load_config(ckpt: Path):
+    """The checkpoint's config.yaml as a Config."""
+    from sparse_lm.config import load_yaml
+
+    try:
+        return load_yaml(Path(ckpt) / "config.yaml")
+    except UserError as e:
+        raise damaged(Path(ckpt) / "config.yaml", e) from None
+
+
+def load_tokenizer(ckpt: Path):
+    """The checkpoint's tokenizer."""
+    from sparse_lm.data.tokenizer import load_tokenizer as load
+
+    try:
+        return load(Path(ckpt) / "tokenizer.json")
+    except Exception as e:
+        raise damaged(Path(ckpt) / "tokenizer.json", e) from None
+
+
 def load_state(ckpt: Path) -> dict:
     """The checkpoint's state.json (step, tokens, data hashes)."""
-    return json.loads((Path(ckpt) / "state.json").read_text())
+    return read(Path(ckpt) / "state.json")
 
 
 def load_weights(ckpt: Path, map_location="cpu") -> dict[str, torch.Tensor]:
-    return torch.load(Path(ckpt) / "model.pt", map_location=map_location, weights_only=True)
+    return read(Path(ckpt) / "model.pt", map_location)
 
 
 def load(ckpt: Path, map_location="cpu") -> dict:
@@ -125,7 +189,7 @@ def load(ckpt: Path, map_location="cpu") -> dict:
     ckpt = Path(ckpt)
     return {
         "model": load_weights(ckpt, map_location),
-        "optimizer": torch.load(ckpt / "optimizer.pt", map_location=map_location, weights_only=True),
-        "rng": torch.load(ckpt / "rng.pt", map_location="cpu", weights_only=True),  # RNG states stay on the CPU
+        "optimizer": read(ckpt / "optimizer.pt", map_location),
+        "rng": read(ckpt / "rng.pt"),  # RNG states stay on the CPU
         "state": load_state(ckpt),
     }

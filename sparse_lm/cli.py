@@ -8,8 +8,7 @@ from pathlib import Path
 import torch
 
 from sparse_lm import checkpoint
-from sparse_lm.config import Config, load_yaml
-from sparse_lm.data.tokenizer import load_tokenizer
+from sparse_lm.config import Config
 from sparse_lm.model import GPT
 
 
@@ -23,7 +22,7 @@ def positional_checkpoint() -> None:
 def load_model(path: str | Path, device: str | torch.device = "cpu"):
     """(model in eval mode, tokenizer, config, checkpoint state) from a run directory or checkpoint."""
     ckpt = checkpoint.resolve(path)
-    cfg: Config = load_yaml(ckpt / "config.yaml")
+    cfg: Config = checkpoint.load_config(ckpt)
     model = GPT(cfg.model)
     model.load_state_dict(checkpoint.load_weights(ckpt))
-    return model.to(device).eval(), load_tokenizer(ckpt / "tokenizer.json"), cfg, checkpoint.load_state(ckpt)
+    return model.to(device).eval(), checkpoint.load_tokenizer(ckpt), cfg, checkpoint.load_state(ckpt)

@@ -2,18 +2,20 @@
 
 The dataclasses below are registered in Hydra's ConfigStore, so the YAML groups under `conf/` are validated
 against them: a mistyped key or a value of the wrong type fails at composition, before any work starts.
-Defaults are the reference values of SPEC §1–§3 (the `paper` preset); the `tiny` preset overrides sizes.
+The defaults are the reference run (docs/method.md §1–§3, the `paper` preset); the files under conf/ state only
+what they change, and numeric fields carry their valid range, checked before any work starts (`check_ranges`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from sparse_lm.errors import UserError
 from sparse_lm.roles import SITES
 
 
@@ -68,22 +70,35 @@ class Precision(Enum):
     bf16 = "bf16"
 
 
+def ranged(default=MISSING, lo=None, hi=None, *, lo_open=False, hi_open=False, factory=None):
+    """A field whose value (or each value of a list) must lie in [lo, hi] (open ends where asked); None passes."""
+    meta = {"range": (lo, hi, lo_open, hi_open)}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+POSITIVE = dict(lo=0, lo_open=True)
+FRACTION = dict(lo=0, hi=1)  # [0, 1]
+DENSITY = dict(lo=0, hi=1, lo_open=True)  # (0, 1]
+
+
 @dataclass
 class ModelConfig:
-    vocab_size: int = 2048
-    ctx_len: int = 256
-    n_layer: int = 8
-    d_model: int = 1024
-    d_head: int = 16  # n_head = d_model // d_head
-    d_mlp: int = 4096
+    vocab_size: int = ranged(2048, 1)
+    ctx_len: int = ranged(256, 1)
+    n_layer: int = ranged(8, 1)
+    d_model: int = ranged(1024, 1)
+    d_head: int = ranged(16, 1)  # n_head = d_model // d_head
+    d_mlp: int = ranged(4096, 1)
     norm: Norm = Norm.rms
     activation: Activation = Activation.gelu
     pos_emb: PosEmb = PosEmb.none
     attn_sink: bool = True
     bigram: bool = True
-    afrac: float = 0.25  # AbsTopK keeps floor(afrac * dim) entries per token
+    afrac: float = ranged(0.25, **DENSITY)  # AbsTopK keeps floor(afrac * dim) entries per token
     topk_sites: list[str] = field(default_factory=lambda: list(SITES))
-    init_std: float = 0.02
+    init_std: float = ranged(0.02, **POSITIVE)
 
 
 @dataclass
@@ -105,61 +120,70 @@ class DataConfig:
     hf_text_column: str = "content"
     hf_path_column: Optional[str] = "path"  # used for the train/val split when present
     hf_streaming: bool = True
-    max_docs: Optional[int] = None
-    max_bytes: Optional[int] = None
-    val_fraction: float = 0.05  # split by file (hash of the path), not by offset
-    vocab_size: int = 2048
-    tokenizer_sample_bytes: int = 50_000_000  # cap on text used to train the BPE (peak RAM ~60x)
+    max_docs: Optional[int] = ranged(None, 1)
+    max_bytes: Optional[int] = ranged(None, 1)
+    val_fraction: float = ranged(0.05, 0, 1, hi_open=True)  # split by file (hash of the path), not by offset
+    vocab_size: int = ranged(2048, 257, 65536)  # 256 bytes + <|endoftext|> at least; uint16 token cache at most
+    tokenizer_sample_bytes: int = ranged(50_000_000, 1)  # cap on text used to train the BPE (peak RAM ~60x)
     cache_dir: Optional[str] = None  # default: $SPARSE_LM_CACHE or ~/.cache/sparse_lm
 
 
 @dataclass
 class SparsityConfig:
     enabled: bool = True
-    hidden_density: float = 1 / 64  # every hidden weight matrix
-    embed_density: float = 1 / 16  # token and positional embedding, unembedding
-    bias_density: float = 1 / 16  # only when sparsify_biases
+    hidden_density: float = ranged(1 / 64, **DENSITY)  # every hidden weight matrix
+    embed_density: float = ranged(1 / 16, **DENSITY)  # token and positional embedding, unembedding
+    bias_density: float = ranged(1 / 16, **DENSITY)  # only when sparsify_biases
     sparsify_biases: bool = False  # the paper's text says yes; the released script leaves them dense
-    min_per_neuron: int = 4  # j: nonzeros each neuron keeps in every matrix touching it
-    anneal_start: float = 0.01  # fraction of total steps
-    anneal_end: float = 0.5
+    min_per_neuron: int = ranged(4, 0)  # j: nonzeros each neuron keeps in every matrix touching it
+    anneal_start: float = ranged(0.01, **FRACTION)  # fraction of total steps
+    anneal_end: float = ranged(0.5, **FRACTION)
     anneal: Anneal = Anneal.linear
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1.28e-2
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 0.1  # unusually large on purpose
-    weight_decay: float = 0.1  # decoupled, applied after the projection
-    warmup: float = 0.01  # fraction of total steps
+    lr: float = ranged(1.28e-2, 0, float("inf"), lo_open=True, hi_open=True)
+    beta1: float = ranged(0.9, 0, 1, hi_open=True)
+    beta2: float = ranged(0.95, 0, 1, hi_open=True)
+    eps: float = ranged(0.1, **POSITIVE)  # unusually large on purpose
+    weight_decay: float = ranged(0.1, 0)  # decoupled, applied after the projection
+    warmup: float = ranged(0.01, 0, 1, hi_open=True)  # fraction of total steps
     grad_norm: GradNorm = GradNorm.normalize
-    grad_eps: float = 1e-5
+    grad_eps: float = ranged(1e-5, **POSITIVE)
+
+
+class ResumeChanges(Enum):
+    refuse = "refuse"  # a resume whose trajectory-defining settings differ from the checkpoint's stops at once
+    allow = "allow"  # continue with the new settings; the change is logged
 
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 244_140  # 32B tokens at 512 x 256 tokens per step
-    batch_size: int = 512  # sequences per optimizer step, over all processes
-    micro_batch_size: int = 32  # sequences per forward pass per process (gradient accumulation)
-    log_interval: int = 10
-    eval_interval: int = 500
-    eval_batches: int = 20  # micro-batches of validation data per evaluation
-    ckpt_interval: int = 1000
-    keep_last: int = 3  # checkpoints kept; older ones are deleted
+    max_steps: int = ranged(244_140, 1)  # 32B tokens at 512 x 256 tokens per step
+    batch_size: int = ranged(512, 1)  # sequences per optimizer step, over all processes
+    # Sequences per forward pass per process (the rest is gradient accumulation), or auto: the largest that
+    # divides the per-process batch within micro_batch_tokens. A memory knob: results do not depend on it.
+    micro_batch_size: Any = "auto"
+    micro_batch_tokens: int = ranged(16384, 1)  # auto's cap, in tokens per forward pass
+    log_interval: int = ranged(10, 1)
+    eval_interval: int = ranged(1000, 1)
+    eval_sequences: int = ranged(1280, 1)  # validation sequences per evaluation, the same ones every time
+    ckpt_interval: int = ranged(2000, 1)
+    keep_last: int = ranged(3, 1)  # checkpoints kept; older ones are deleted
     resume: Optional[str] = None  # null | auto | <run dir or checkpoint dir>
-    exit_interval: Optional[int] = None  # checkpoint and exit once step % exit_interval == 0
-    seed: int = 0
+    resume_changes: ResumeChanges = ResumeChanges.refuse
+    exit_interval: Optional[int] = ranged(None, 1)  # checkpoint and exit once step % exit_interval == 0
+    seed: int = ranged(0, 0)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: Precision = Precision.auto
-    compile: bool = False
+    compile: bool = True
 
 
 @dataclass
 class KernelsConfig:
     backend: Backend = Backend.dense  # matmuls of the sparse hidden matrices
-    crossover: float = 0.04  # auto: a matrix at or below this density uses the Triton SpMM
+    crossover: float = ranged(0.04, **DENSITY)  # auto: a matrix at or below this density uses the Triton SpMM
     calibrate: bool = False  # auto: measure the crossover per matrix shape at start-up (CUDA), cached on disk
     abstopk: OpImpl = OpImpl.torch  # activation AbsTopK
     select: OpImpl = OpImpl.torch  # top-k selection of the weight projection
@@ -167,7 +191,9 @@ class KernelsConfig:
 
 @dataclass
 class Config:
-    name: str = "run"
+    """`python train.py`: the defaults are the reference run (preset=paper); conf/ states what other options change."""
+
+    name: str = "paper"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
@@ -180,54 +206,52 @@ class Config:
 class SampleConfig:
     checkpoint: str = MISSING  # run directory or checkpoint directory
     prompt: str = "def "
-    max_new_tokens: int = 200
-    num_samples: int = 1
-    temperature: float = 0.8
-    top_k: Optional[int] = 50
-    seed: int = 0
+    max_new_tokens: int = ranged(200, 0)
+    num_samples: int = ranged(1, 1)
+    temperature: float = ranged(0.8, 0)  # 0: greedy
+    top_k: Optional[int] = ranged(50, 1)
+    seed: int = ranged(0, 0)
     device: str = "auto"
 
 
 @dataclass
 class BenchConfig:
-    """`python -m kernels.bench`: each op against its references, or whole training steps (mode=train)."""
+    """`python -m sparse_lm.bench`: each op against its references (ops), training steps (train), or versus a revision."""
 
-    mode: str = "ops"  # ops | train
+    mode: str = "ops"  # ops | train | versus
     device: str = "auto"
     dtype: str = "bf16"  # on CUDA; the CPU runs fp32
     # ops on CUDA: [out, in] of the MLP matrices at d_model 1024 and 2048 (d_mlp = 4 d_model), 65,536 tokens
-    tokens: int = 65536
+    tokens: int = ranged(65536, 1)
     shapes: list[list[int]] = field(default_factory=lambda: [[4096, 1024], [1024, 4096], [8192, 2048], [2048, 8192]])
-    densities: list[float] = field(default_factory=lambda: [0.1, 0.03, 0.01, 0.003, 0.001])
+    densities: list[float] = ranged(**DENSITY, factory=lambda: [0.1, 0.03, 0.01, 0.003, 0.001])
     select_shape: list[int] = field(default_factory=lambda: [4096, 4096])  # 16.8M entries
-    select_density: float = 1 / 64
-    abstopk_dims: list[int] = field(default_factory=lambda: [1024, 4096, 8192])
-    afrac: float = 0.25
+    select_density: float = ranged(1 / 64, **DENSITY)
+    abstopk_dims: list[int] = ranged(lo=1, hi=8192, factory=lambda: [1024, 4096, 8192])
+    afrac: float = ranged(0.25, **DENSITY)
     # ops on the CPU: the reference backends at small shapes
-    cpu_tokens: int = 2048
+    cpu_tokens: int = ranged(2048, 1)
     cpu_shapes: list[list[int]] = field(default_factory=lambda: [[512, 128], [128, 512]])
     cpu_select_shape: list[int] = field(default_factory=lambda: [512, 512])
-    cpu_abstopk_dims: list[int] = field(default_factory=lambda: [128, 512])
-    warmup_ms: int = 25
-    rep_ms: int = 100
+    cpu_abstopk_dims: list[int] = ranged(lo=1, hi=8192, factory=lambda: [128, 512])
+    warmup_ms: int = ranged(25, 0)
+    rep_ms: int = ranged(100, 1)
     # mode=train: training steps at the final density, one run per kernels setting, in one process
     train_overrides: list[str] = field(default_factory=lambda: ["preset=paper", "train.compile=false"])
     # The fp32 run is the yardstick for "bf16 noise": how far the reference itself moves with precision.
     train_kernels: list[str] = field(default_factory=lambda: ["kernels=default", "kernels=fast", "kernels=default train.precision=fp32"])
-    cpu_train_overrides: list[str] = field(
-        default_factory=lambda: ["preset=tiny", "train.batch_size=8", "train.micro_batch_size=8"]
-    )
+    cpu_train_overrides: list[str] = field(default_factory=lambda: ["preset=tiny", "train.batch_size=8"])
     cpu_train_kernels: list[str] = field(default_factory=lambda: ["kernels=default", "kernels.backend=torch_sparse"])
-    train_steps: int = 20  # timed steps per setting (after 3 warm-up steps); a setting may hold several overrides
-    compare_steps: int = 200  # steps from scratch whose losses are compared between settings (0: skip)
-    cpu_compare_steps: int = 20
+    train_steps: int = ranged(20, 1)  # timed steps per setting (after 3 warm-up steps); a setting may hold several overrides
+    compare_steps: int = ranged(200, 0)  # steps from scratch whose losses are compared between settings (0: skip)
+    cpu_compare_steps: int = ranged(20, 0)
     # mode=versus: this checkout against another git revision, both on the CPU, in turns, in one process
     baseline: str = "HEAD"  # any git revision of this repository
     versus_overrides: list[str] = field(default_factory=list)  # applied to both sides' default config
-    versus_steps: Optional[int] = None  # default: the whole schedule (train.max_steps)
-    versus_chunk: int = 10  # steps each side takes per turn
-    versus_noise_steps: int = 100  # steps of the 1-ulp fp32-noise yardstick
-    versus_check_every: int = 25  # compare the projection's survivors with the baseline's every this many steps
+    versus_steps: Optional[int] = ranged(None, 1)  # default: the whole schedule (train.max_steps)
+    versus_chunk: int = ranged(10, 1)  # steps each side takes per turn
+    versus_noise_steps: int = ranged(100, 1)  # steps of the 1-ulp fp32-noise yardstick
+    versus_check_every: int = ranged(25, 1)  # compare the projection's survivors with the baseline's every this many steps
 
 
 @dataclass
@@ -242,23 +266,24 @@ class EdgeConventions:
 
 @dataclass
 class PruneConfig:
-    """`python -m sparse_lm.prune checkpoint=<run dir or checkpoint> tasks=all` (SPEC §5)."""
+    """`python -m sparse_lm.prune checkpoint=<run dir or checkpoint> tasks=all` (docs/method.md §5)."""
 
     checkpoint: str = MISSING
     tasks: Any = "all"  # all, one task name, or a list [name, ...]
     out_dir: Optional[str] = None  # default: <run dir>/circuits/<checkpoint name>
-    target: float = 0.15  # held-out task loss per side a circuit must reach
-    n_train: int = 1000
-    n_test: int = 200
-    n_calib: int = 256  # training pairs the logit scale/shift is fitted on
-    steps: int = 400  # mask-training steps per task
-    batch_pairs: int = 16
-    lr: float = 3e-3
-    weight_decay: float = 1e-3
-    lam: float = 1e-4  # penalty per kept node
-    tau_init: float = 0.1
-    mean_sequences: int = 64  # pretraining sequences the ablation means are taken over
-    seed: int = 0
+    overwrite: bool = False  # replace the results of an earlier invocation in out_dir
+    target: float = ranged(0.15, **POSITIVE)  # held-out task loss per side a circuit must reach
+    n_train: int = ranged(1000, 1)
+    n_test: int = ranged(200, 1)
+    n_calib: int = ranged(256, 1)  # training pairs the logit scale/shift is fitted on
+    steps: int = ranged(400, 1)  # mask-training steps per task
+    batch_pairs: int = ranged(16, 1)
+    lr: float = ranged(3e-3, **POSITIVE)
+    weight_decay: float = ranged(1e-3, 0)
+    lam: float = ranged(1e-4, 0)  # penalty per kept node
+    tau_init: float = ranged(0.1, -1, 1)
+    mean_sequences: int = ranged(64, 1)  # pretraining sequences the ablation means are taken over
+    seed: int = ranged(0, 0)
     device: str = "cpu"
     random_init: bool = False  # also prune a random-init model of the same shape and sparsity (control)
     check: bool = True  # necessity: ablate the circuit from the full model, which should then fail
@@ -279,17 +304,63 @@ def register_configs() -> None:
     cs.store(name="prune_schema", node=PruneConfig)
 
 
-def to_object(cfg: DictConfig | Config) -> Config:
-    """Resolve a composed DictConfig into typed dataclasses (enums as Enum members)."""
-    if isinstance(cfg, Config):
-        return cfg
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), cfg))
+def check_ranges(obj, prefix: str = "") -> None:
+    """Raise a UserError naming the first field whose value lies outside its declared range."""
+    for f in fields(obj):
+        value, name = getattr(obj, f.name), f"{prefix}{f.name}"
+        if is_dataclass(value):
+            check_ranges(value, name + ".")
+            continue
+        if "range" not in f.metadata or value is None:
+            continue
+        lo, hi, lo_open, hi_open = f.metadata["range"]
+        for v in value if isinstance(value, list) else [value]:
+            bad = (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and (v >= hi if hi_open else v > hi))
+            if bad or v != v:  # v != v: NaN
+                low = "-inf" if lo is None else f"{lo:g}"
+                high = "inf" if hi is None else f"{hi:g}"
+                raise UserError(f"{name}={value} is out of range: it must be in {'(' if lo_open or lo is None else '['}{low}, "
+                                f"{high}{')' if hi_open or hi is None else ']'}")
+    if isinstance(obj, TrainConfig):
+        mb = obj.micro_batch_size
+        if mb != "auto" and (not isinstance(mb, int) or isinstance(mb, bool) or mb < 1):
+            raise UserError(f"{prefix}micro_batch_size={mb!r} must be auto or an integer ≥ 1")
+
+
+def to_object(cfg: DictConfig | Config, schema=Config):
+    """Resolve a composed DictConfig into typed dataclasses (enums as Enum members), with every range checked."""
+    obj = cfg if isinstance(cfg, schema) else OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), cfg))
+    check_ranges(obj)
+    return obj
 
 
 def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg), resolve=True)
 
 
+def known_keys(raw, schema_node) -> tuple[dict, list[str]]:
+    """`raw` without the keys `schema_node` does not have (settings of an older version), and those keys."""
+    kept, dropped = {}, []
+    for key, value in raw.items():
+        if key not in schema_node:
+            dropped.append(key)
+        elif isinstance(value, dict) and OmegaConf.is_config(schema_node[key]):
+            kept[key], inner = known_keys(value, schema_node[key])
+            dropped += [f"{key}.{k}" for k in inner]
+        else:
+            kept[key] = value
+    return kept, dropped
+
+
 def load_yaml(path) -> Config:
-    """Read a config written by `to_yaml` (e.g. the one stored in every checkpoint)."""
-    return to_object(OmegaConf.load(path))
+    """Read a config written by `to_yaml` (e.g. the one stored in every checkpoint).
+
+    Keys this version no longer has (e.g. `train.eval_batches` of older checkpoints) are dropped; their meaning
+    is covered by the fields that replaced them, at their defaults.
+    """
+    try:
+        raw = OmegaConf.to_container(OmegaConf.load(path))
+    except Exception as e:  # a truncated or hand-edited file
+        raise UserError(f"{path}: not a readable config ({type(e).__name__}: {e})") from None
+    kept, _ = known_keys(raw, OmegaConf.structured(Config))
+    return to_object(OmegaConf.create(kept))

@@ -9,6 +9,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as td
 
+from sparse_lm.errors import UserError
+
 
 @dataclass
 class Dist:
@@ -32,7 +34,7 @@ def pick_device(pref: str, local_rank: int = 0) -> torch.device:
     device = torch.device(pref)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"train.device={pref} but torch sees no CUDA device (use train.device=cpu or auto)")
+            raise UserError(f"train.device={pref} but torch sees no CUDA device (use train.device=cpu or auto)")
         if device.index is None:
             device = torch.device("cuda", local_rank)
     return device

@@ -18,7 +18,8 @@ from omegaconf import DictConfig
 
 from sparse_lm import checkpoint
 from sparse_lm.cli import positional_checkpoint
-from sparse_lm.config import InspectConfig, load_yaml, register_configs
+from sparse_lm.config import InspectConfig, register_configs, to_object
+from sparse_lm.errors import UserError, reported
 from sparse_lm.model import GPT
 from sparse_lm.sparsity import Sparsifier
 
@@ -41,7 +42,7 @@ class Row:
 
 def inspect_checkpoint(path) -> tuple[str, list[Row]]:
     ckpt = checkpoint.resolve(path)
-    cfg = load_yaml(ckpt / "config.yaml")
+    cfg = checkpoint.load_config(ckpt)
     step = checkpoint.load_state(ckpt)["step"]
     weights = checkpoint.load_weights(ckpt)
     with torch.device("meta"):  # shapes and names only, no memory
@@ -51,7 +52,7 @@ def inspect_checkpoint(path) -> tuple[str, list[Row]]:
     plan = sparsifier.plan(step)
     expected = {name for name, _ in model.named_parameters()}
     if set(weights) != expected:
-        raise ValueError(f"{ckpt}: parameters {sorted(set(weights) ^ expected)} do not match the model of its config.yaml")
+        raise UserError(f"{ckpt}: parameters {sorted(set(weights) ^ expected)} do not match the model of its config.yaml")
     rows = []
     for name, w in weights.items():
         sp = sparse.get(name)
@@ -82,8 +83,9 @@ def format_table(title: str, rows: list[Row]) -> str:
 
 
 @hydra.main(config_path="../conf", config_name="inspect", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    cfg: InspectConfig = InspectConfig(**cfg)
+@reported
+def main(dcfg: DictConfig) -> None:
+    cfg: InspectConfig = to_object(dcfg, InspectConfig)
     title, rows = inspect_checkpoint(cfg.checkpoint)
     print(format_table(title, rows))
     if not all(r.ok for r in rows):

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 from sparse_lm.config import Activation, ModelConfig, Norm, PosEmb
+from sparse_lm.errors import UserError
 from sparse_lm.roles import RESIDUAL, SITES, role, site_name, writes_residual
 
 
@@ -178,9 +179,9 @@ class GPT(nn.Module):
         super().__init__()
         unknown = set(cfg.topk_sites) - set(SITES)
         if unknown:
-            raise ValueError(f"model.topk_sites: unknown site(s) {sorted(unknown)}; choose from {list(SITES)}")
+            raise UserError(f"model.topk_sites: unknown site(s) {sorted(unknown)}; choose from {list(SITES)}")
         if cfg.d_model % cfg.d_head:
-            raise ValueError(f"model.d_model={cfg.d_model} must be a multiple of model.d_head={cfg.d_head}")
+            raise UserError(f"model.d_model={cfg.d_model} must be a multiple of model.d_head={cfg.d_head}")
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.wpe = nn.Embedding(cfg.ctx_len, cfg.d_model) if cfg.pos_emb == PosEmb.learned else None
@@ -197,7 +198,7 @@ class GPT(nn.Module):
                 self.sites[site.name] = site
         for site in self.sites.values():
             if site.k == 0:
-                raise ValueError(f"model.afrac={cfg.afrac} keeps none of the {site.dim} channels at {site.kind} (floor(afrac · "
+                raise UserError(f"model.afrac={cfg.afrac} keeps none of the {site.dim} channels at {site.kind} (floor(afrac · "
                                  f"{site.dim}) = 0), which would zero that site; raise model.afrac or drop {site.kind} from model.topk_sites")
         self.reset_parameters()
 
@@ -225,7 +226,7 @@ class GPT(nn.Module):
         """
         T = idx.shape[1]
         if T > self.cfg.ctx_len:
-            raise ValueError(f"sequence length {T} exceeds model.ctx_len={self.cfg.ctx_len}")
+            raise UserError(f"sequence length {T} exceeds model.ctx_len={self.cfg.ctx_len}")
         x = self.wte(idx)
         if self.wpe is not None:
             x = x + self.wpe(torch.arange(T, device=idx.device))

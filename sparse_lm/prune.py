@@ -10,7 +10,6 @@ summary table and the geometric mean of edge counts over the tasks the full mode
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict
@@ -27,7 +26,8 @@ from sparse_lm.circuits.edges import circuit_edges, count_by_kind, describe
 from sparse_lm.circuits.nodes import NodeSpace
 from sparse_lm.circuits.pruning import evaluate, keep_top, site_means, smallest_passing, train_masks
 from sparse_lm.cli import load_model, positional_checkpoint
-from sparse_lm.config import EdgeConventions, PruneConfig, register_configs
+from sparse_lm.config import EdgeConventions, PruneConfig, register_configs, to_object
+from sparse_lm.errors import UserError, reported
 from sparse_lm.fsutil import atomic_file, write_json
 from sparse_lm.model import GPT
 from sparse_lm.tasks import TASKS, TaskData, TaskTokenError, build
@@ -179,18 +179,35 @@ def task_list(spec) -> list[str]:
     names = list(TASKS) if spec == "all" else ([spec] if isinstance(spec, str) else list(spec))
     unknown = [t for t in names if t not in TASKS]
     if unknown:
-        raise ValueError(f"tasks: unknown {unknown}; choose all or from {list(TASKS)}")
+        raise UserError(f"tasks: unknown {unknown}; choose all or from {list(TASKS)}")
     return names
+
+
+RESULTS = ("*.json", "*.png", "*.html")  # what an invocation writes to its out_dir (and to out_dir/random_init)
+
+
+def claim_output(out: Path, overwrite: bool) -> None:
+    """Refuse an out_dir holding an earlier invocation's results, unless overwrite=true (which clears them first)."""
+    earlier = sorted(p.relative_to(out).as_posix() for d in (out, out / "random_init") if d.is_dir() for g in RESULTS for p in d.glob(g))
+    if not earlier:
+        return
+    if not overwrite:
+        shown = ", ".join(earlier[:3]) + (f" and {len(earlier) - 3} more" if len(earlier) > 3 else "")
+        raise UserError(f"out_dir {out} already holds the results of an earlier prune ({shown}); keep them by choosing another "
+                        f"out_dir=..., or replace them with overwrite=true")
+    for name in earlier:
+        (out / name).unlink()
 
 
 def run(cfg: PruneConfig) -> dict:
     torch.manual_seed(cfg.seed)
     tasks = task_list(cfg.tasks)
     ckpt = checkpoint.resolve(cfg.checkpoint)
-    model, tokenizer, mcfg, state = load_model(ckpt, cfg.device)
-    model.requires_grad_(False)
     in_run = ckpt.parent.name == "checkpoints"  # <run>/checkpoints/step-N, or a checkpoint directory on its own
     out = Path(cfg.out_dir) if cfg.out_dir else (ckpt.parent.parent / "circuits" / ckpt.name if in_run else ckpt / "circuits")
+    claim_output(out, cfg.overwrite)  # before any work
+    model, tokenizer, mcfg, state = load_model(ckpt, cfg.device)
+    model.requires_grad_(False)
     t0 = time.time()
     space = NodeSpace.of(model)
     result = {"checkpoint": str(ckpt), "step": state["step"]}
@@ -212,8 +229,9 @@ def run(cfg: PruneConfig) -> dict:
 
 
 @hydra.main(config_path="../conf", config_name="prune", version_base="1.3")
+@reported
 def main(dcfg: DictConfig) -> None:
-    run(OmegaConf.to_object(dcfg))
+    run(to_object(dcfg, PruneConfig))
 
 
 if __name__ == "__main__":

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from sparse_lm.cli import load_model, positional_checkpoint
-from sparse_lm.config import SampleConfig, register_configs
+from sparse_lm.config import SampleConfig, register_configs, to_object
 from sparse_lm.distributed import pick_device
+from sparse_lm.errors import UserError, reported
 from sparse_lm.model import GPT
 
 
@@ -40,7 +41,7 @@ def sample(cfg: SampleConfig) -> list[str]:
     model, tok, _, _ = load_model(cfg.checkpoint, device)
     ids = tok.encode(cfg.prompt).ids
     if not ids:
-        raise ValueError("prompt is empty: give at least one character, e.g. prompt='def '")
+        raise UserError("prompt is empty: give at least one character, e.g. prompt='def '")
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     idx = torch.tensor([ids] * cfg.num_samples, device=device)
     out = generate(model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, gen)
@@ -48,8 +49,9 @@ def sample(cfg: SampleConfig) -> list[str]:
 
 
 @hydra.main(config_path="../conf", config_name="sample", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    cfg: SampleConfig = OmegaConf.to_object(cfg)
+@reported
+def main(dcfg: DictConfig) -> None:
+    cfg: SampleConfig = to_object(dcfg, SampleConfig)
     for i, text in enumerate(sample(cfg)):
         print(f"----- sample {i} (seed {cfg.seed}) -----")
         print(text)

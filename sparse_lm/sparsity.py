@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from sparse_lm.config import SparsityConfig
+from sparse_lm.errors import UserError
 from sparse_lm.roles import role
 from sparse_lm.schedule import density_at
 
@@ -125,9 +126,9 @@ class Sparsifier:
         for field in ("hidden_density", "embed_density", "bias_density"):
             value = getattr(c, field)
             if not 0 < value <= 1:
-                raise ValueError(f"sparsity.{field}={value} must be in (0, 1]")
+                raise UserError(f"sparsity.{field}={value} must be in (0, 1]")
         if not 0 <= c.anneal_start <= c.anneal_end <= 1:
-            raise ValueError(f"sparsity.anneal_start={c.anneal_start} and anneal_end={c.anneal_end} must satisfy 0 ≤ start ≤ end ≤ 1")
+            raise UserError(f"sparsity.anneal_start={c.anneal_start} and anneal_end={c.anneal_end} must satisfy 0 ≤ start ≤ end ≤ 1")
         # The j-rule must fit inside the final k of every matrix: fail now, not at the end of the anneal.
         for sp in self.params:
             if sp.neuron_axis is None:
@@ -136,7 +137,7 @@ class Sparsifier:
             need = neurons * min(c.min_per_neuron, fan)
             k = math.floor(self.targets()[sp.kind] * sp.param.numel())
             if need > k:
-                raise ValueError(
+                raise UserError(
                     f"sparsity.min_per_neuron={c.min_per_neuron} needs {need} nonzeros in {sp.name} "
                     f"{tuple(sp.param.shape)} but sparsity.{sp.kind}_density={self.targets()[sp.kind]:.6g} keeps only {k}; "
                     f"raise the density to ≥ {need / sp.param.numel():.6g} or lower min_per_neuron"

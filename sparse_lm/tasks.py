@@ -20,6 +20,8 @@ from typing import Callable
 
 import torch
 
+from sparse_lm.errors import UserError
+
 # Identifier pools: train and test draw from disjoint halves.
 NAMES = (
     "data items result value count total buf node path key name text line row col item entry record queue stack "
@@ -168,7 +170,7 @@ TASKS: dict[str, Callable[[Fill], Pair]] = {
 def generate(task: str, split: str, n: int, seed: int = 0) -> list[Pair]:
     """n distinct datapoints of `task` from the train or test identifier pool."""
     if task not in TASKS:
-        raise KeyError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
+        raise UserError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
     rng = random.Random(f"{task}/{split}/{seed}")
     fill, seen, out = Fill(rng, split), set(), []
     for _ in range(50 * n):
@@ -181,7 +183,7 @@ def generate(task: str, split: str, n: int, seed: int = 0) -> list[Pair]:
     return out  # a task with fewer distinct fillings than asked
 
 
-class TaskTokenError(ValueError):
+class TaskTokenError(UserError):
     pass
 
 

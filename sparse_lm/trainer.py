@@ -27,12 +27,15 @@ from sparse_lm.backends import Accelerator, install
 from sparse_lm.config import Config, Precision, to_yaml
 from sparse_lm.data.cache import TokenData, prepare
 from sparse_lm.data.loader import ChunkSampler, train_batch, val_batches
+from sparse_lm.errors import UserError
+from sparse_lm.fsutil import write_text
 from sparse_lm.hostmem import keep_freed_memory
 from sparse_lm.metrics import RunLogger, Throughput, format_duration
 from sparse_lm.model import GPT
 from sparse_lm.optim import build_optimizer, decay_params, decay_weights, normalize_gradients
-from sparse_lm.schedule import lr_multiplier
+from sparse_lm.resume import check_changes, find_resume
 from sparse_lm.roles import role
+from sparse_lm.schedule import lr_multiplier
 from sparse_lm.sparsity import Plan, Sparsifier
 
 log = logging.getLogger("sparse_lm")
@@ -55,8 +58,10 @@ class Run:
     sparsifier: Sparsifier
     accel: Accelerator  # which kernels run the sparse matmuls, AbsTopK and the projection
     sampler: ChunkSampler
-    accum: int
+    micro: int  # sequences per forward pass per process
+    accum: int  # forward passes per process per optimizer step
     step: int = 0
+    resume_notes: list = field(default_factory=list)  # lines to log about settings changed on resume
     params: list = field(init=False)  # every parameter (gradient normalisation)
     decay: list = field(init=False)  # those weight decay applies to
     final_density: float = field(init=False)  # hidden-matrix density at the end (the learning-rate factor)
@@ -82,59 +87,57 @@ def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
     return None
 
 
-def check_config(cfg: Config, dist: distributed.Dist) -> int:
-    """Validate what the schema cannot; return the gradient-accumulation factor."""
+def micro_batching(cfg: Config, world: int) -> tuple[int, int]:
+    """(sequences per forward pass per process, gradient-accumulation steps) for the global train.batch_size.
+
+    The global batch, and so the run's results, never depend on the number of processes; micro_batch_size=auto
+    picks the largest divisor of the per-process batch within train.micro_batch_tokens.
+    """
     t = cfg.train
-    per_step = t.micro_batch_size * dist.world
-    if t.batch_size % per_step:
-        raise ValueError(
-            f"train.batch_size={t.batch_size} must be a multiple of train.micro_batch_size={t.micro_batch_size} "
-            f"× {dist.world} process(es)"
-        )
-    for key in ("max_steps", "log_interval", "eval_interval", "ckpt_interval", "keep_last", "micro_batch_size"):
-        if getattr(t, key) < 1:
-            raise ValueError(f"train.{key}={getattr(t, key)} must be ≥ 1")
-    if not 0 <= cfg.optim.warmup < 1:
-        raise ValueError(f"optim.warmup={cfg.optim.warmup} must be in [0, 1)")
+    if t.batch_size % world:
+        raise UserError(f"train.batch_size={t.batch_size} must be a multiple of the number of processes ({world})")
+    per_process = t.batch_size // world
+    if t.micro_batch_size == "auto":
+        cap = max(1, t.micro_batch_tokens // cfg.model.ctx_len)
+        micro = max(d for d in range(1, min(per_process, cap) + 1) if per_process % d == 0)
+    else:
+        micro = t.micro_batch_size
+        if per_process % micro:
+            raise UserError(
+                f"train.batch_size={t.batch_size} must be a multiple of train.micro_batch_size={micro} × {world} process(es) "
+                f"(or leave train.micro_batch_size=auto)"
+            )
+    return micro, per_process // micro
+
+
+def check_config(cfg: Config, dist: distributed.Dist) -> tuple[int, int]:
+    """Validate what field ranges cannot; return (micro-batch size, gradient-accumulation steps)."""
     k = cfg.kernels
     wanted = [f"kernels.{key}=triton" for key, v in (("backend", k.backend), ("abstopk", k.abstopk), ("select", k.select)) if v.value == "triton"]
     if wanted and dist.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"{', '.join(wanted)} needs a CUDA device (train.device={t.device} gives {dist.device}); use kernels=default on CPU")
-    return t.batch_size // per_step
+        raise UserError(f"{', '.join(wanted)} needs a CUDA device (train.device={cfg.train.device} gives {dist.device}); use kernels=default on CPU")
+    return micro_batching(cfg, dist.world)
 
 
-def find_resume(cfg: Config, run_dir: Path) -> Path | None:
-    """The checkpoint to start from, decided before any work is done."""
-    resume, ckpts = cfg.train.resume, run_dir / "checkpoints"
-    if resume is None:
-        existing = checkpoint.latest(ckpts)
-        if existing is not None:
-            raise FileExistsError(
-                f"{run_dir} already holds checkpoints (latest: {existing.name}). Continue it with train.resume=auto, "
-                f"or start elsewhere with hydra.run.dir=... or name=..."
-            )
-        return None
-    if resume == "auto":
-        return checkpoint.latest(ckpts)
-    source = checkpoint.resolve(resume)
-    later = [d.name for d in checkpoint.step_dirs(ckpts) if checkpoint.step_of(d) > checkpoint.step_of(source)]
-    if later:
-        raise FileExistsError(
-            f"{run_dir} holds checkpoints past {source.name} ({', '.join(later)}); resuming from {resume} here would "
-            f"mix two histories. Use another hydra.run.dir, or delete those checkpoints first."
-        )
-    return source
+def setup(cfg: Config, run_dir: Path, hydra_files: dict[str, str] | None = None) -> Run:
+    """Check everything that can be checked, then build the run (restored from a checkpoint when resuming).
 
-
-def setup(cfg: Config, run_dir: Path) -> Run:
+    `hydra_files` (name -> text) are written to <run_dir>/.hydra/ once the start is accepted, so a refused start
+    never overwrites the record of the run already there.
+    """
     dist = distributed.init(cfg.train.device)
     keep_freed_memory()
     if not dist.is_main:
         logging.getLogger().setLevel(logging.WARNING)
-    accum = check_config(cfg, dist)
+    batching = check_config(cfg, dist)
     with torch.device("meta"):  # model and sparsity settings fail here, before any data work
         Sparsifier(GPT(cfg.model), cfg.sparsity, cfg.train.max_steps)
     resume_from = find_resume(cfg, run_dir)
+    notes = check_changes(cfg, resume_from) if resume_from is not None else []
+    if dist.is_main and hydra_files:
+        for name, text in hydra_files.items():
+            (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
+            write_text(run_dir / ".hydra" / name, text)
 
     # The main process builds the token cache; the others wait, then read it.
     if dist.is_main:
@@ -143,8 +146,9 @@ def setup(cfg: Config, run_dir: Path) -> Run:
     if not dist.is_main:
         data = prepare(cfg.data)
     if data.meta["vocab_size"] > cfg.model.vocab_size:
-        raise ValueError(f"the tokenizer has {data.meta['vocab_size']} tokens but model.vocab_size={cfg.model.vocab_size}")
-    run = build_run(cfg, run_dir, dist, data, accum)
+        raise UserError(f"the tokenizer has {data.meta['vocab_size']} tokens but model.vocab_size={cfg.model.vocab_size}")
+    run = build_run(cfg, run_dir, dist, data, batching)
+    run.resume_notes = notes
     if resume_from is not None:
         restore(run, resume_from)
     run.accel.after_step(run.sparsifier.plan(run.step))
@@ -155,29 +159,30 @@ def setup(cfg: Config, run_dir: Path) -> Run:
     return run
 
 
-def build_run(cfg: Config, run_dir: Path, dist: distributed.Dist, data: TokenData, accum: int) -> Run:
+def build_run(cfg: Config, run_dir: Path, dist: distributed.Dist, data: TokenData, batching: tuple[int, int]) -> Run:
     """Model, sparsifier, kernels and optimizer at step 0 (also used by kernels.bench on synthetic tokens)."""
     torch.manual_seed(cfg.train.seed)
     model = GPT(cfg.model).to(dist.device)
     sparsifier = Sparsifier(model, cfg.sparsity, cfg.train.max_steps)
     compute_dtype = autocast_dtype(cfg, dist.device) or torch.float32
-    accel = install(model, sparsifier, cfg.kernels, compute_dtype, tokens=cfg.train.micro_batch_size * cfg.model.ctx_len)
+    micro, accum = batching
+    accel = install(model, sparsifier, cfg.kernels, compute_dtype, tokens=micro * cfg.model.ctx_len)
     optimizer = build_optimizer(model, cfg.optim)
     sampler = ChunkSampler(data.train, cfg.model.ctx_len, cfg.train.seed)
-    return Run(cfg, run_dir, dist, data, model, model, optimizer, sparsifier, accel, sampler, accum)
+    return Run(cfg, run_dir, dist, data, model, model, optimizer, sparsifier, accel, sampler, micro, accum)
 
 
 def restore(run: Run, ckpt: Path) -> None:
     state = checkpoint.load(ckpt, map_location=run.dist.device)
     if state["state"].get("tokenizer_hash") != run.data.meta["tokenizer_hash"]:
-        raise ValueError(
+        raise UserError(
             f"{ckpt} was trained with tokenizer {str(state['state'].get('tokenizer_hash'))[:12]}, but the data of this "
             f"config ({run.data.dir}) uses {run.data.meta['tokenizer_hash'][:12]}; resume with the same data settings"
         )
     try:
         run.model.load_state_dict(state["model"])
     except RuntimeError as e:
-        raise ValueError(f"{ckpt} does not fit the model of this config (compare its config.yaml):\n{e}") from None
+        raise UserError(f"{ckpt} does not fit the model of this config (compare its config.yaml):\n{e}") from None
     run.optimizer.load_state_dict(state["optimizer"])
     checkpoint.set_rng_state(state["rng"])
     run.step = state["state"]["step"]
@@ -190,7 +195,7 @@ def train_step(run: Run) -> tuple[torch.Tensor, dict]:
     n = run.step + 1
     total = torch.zeros((), device=dist.device)
     for micro in range(run.accum):
-        x, y = train_batch(run.sampler, run.step, micro, dist.rank, dist.world, cfg.train.micro_batch_size, run.accum)
+        x, y = train_batch(run.sampler, run.step, micro, dist.rank, dist.world, run.micro, run.accum)
         x, y = x.to(dist.device, non_blocking=True), y.to(dist.device, non_blocking=True)
         last = micro == run.accum - 1
         with (run.train_model.no_sync() if dist.enabled and not last else nullcontext()), run.autocast():
@@ -217,7 +222,7 @@ def evaluate(run: Run) -> dict:
     cfg, dist = run.cfg, run.dist
     run.model.eval()
     sums = torch.zeros(2, device=dist.device)
-    for x, y in val_batches(run.data.val, cfg.model.ctx_len, cfg.train.eval_batches, cfg.train.micro_batch_size, dist.rank, dist.world):
+    for x, y in val_batches(run.data.val, cfg.model.ctx_len, cfg.train.eval_sequences, run.micro, dist.rank, dist.world):
         with run.autocast():
             _, loss = run.model(x.to(dist.device), y.to(dist.device))
         sums += torch.stack([loss.float() * y.numel(), torch.tensor(float(y.numel()), device=dist.device)])
@@ -336,17 +341,21 @@ def stop_requests():
             signal.signal(s, h)
 
 
-def train(cfg: Config, run_dir: Path) -> dict:
+def train(cfg: Config, run_dir: Path, hydra_files: dict[str, str] | None = None) -> dict:
     """Train until train.max_steps (or a stop request); return the last logged metrics."""
-    run = setup(cfg, Path(run_dir))
+    run = setup(cfg, Path(run_dir), hydra_files)
     t = cfg.train
     logger = RunLogger(run.run_dir, run.step, t.max_steps, run.dist.is_main)
     meter = Throughput(run.step)
     n_params = sum(p.numel() for p in run.model.parameters())
     logger.info(
         f"run dir {run.run_dir} | {n_params / 1e6:.2f}M parameters | {run.dist.world} process(es) on {run.dist.device} | "
-        f"{run.accum} micro-batch(es) of {t.micro_batch_size} × {cfg.model.ctx_len} tokens per process per step"
+        f"{run.accum} micro-batch(es) of {run.micro} × {cfg.model.ctx_len} tokens per process per step"
     )
+    if run.resume_notes:
+        for line in run.resume_notes:
+            logger.info(line)
+        logger.write({"step": run.step, "resume_changes": run.resume_notes})
     last: dict = {}
     try:
         with stop_requests() as request:

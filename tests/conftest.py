@@ -34,7 +34,7 @@ TINY = [
     "train.batch_size=8",
     "train.micro_batch_size=4",
     "train.log_interval=1",
-    "train.eval_batches=2",
+    "train.eval_sequences=8",
 ]
 
 

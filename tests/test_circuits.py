@@ -194,6 +194,18 @@ def test_prune_command_writes_circuits_pictures_and_a_summary(tiny_run, tmp_path
     assert json.loads((out / "random_init" / "summary.json").read_text())["label"] == "random-init control"
     assert (tiny_run / "checkpoints" / "step-000040" / "site_means-64.pt").exists()  # cached for the next run
 
+    # Another invocation never replaces these results silently: it is refused before any work, in one line.
+    before = (out / "summary.json").read_text()
+    again = subprocess.run(cmd[:4] + [f"out_dir={out}", "tasks=[]"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 1 and "already holds the results of an earlier prune" in again.stderr
+    assert "Traceback" not in again.stderr and len(again.stderr.strip().splitlines()) == 1
+    assert (out / "summary.json").read_text() == before
+    replaced = subprocess.run(cmd[:4] + [f"out_dir={out}", "tasks=[]", "overwrite=true"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert replaced.returncode == 0 and json.loads((out / "summary.json").read_text())["tasks"] == []
+    assert not (out / "dict_or_list_literal.json").exists() and not list((out / "random_init").glob("*.json"))
+    zero = subprocess.run(cmd[:4] + [f"out_dir={tmp_path / 'other'}", "n_test=0"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert zero.returncode == 1 and "n_test=0 is out of range" in zero.stderr and "unusable" not in zero.stdout
+
 
 def test_mask_training_is_deterministic_given_a_seed():
     from sparse_lm.circuits.pruning import train_masks

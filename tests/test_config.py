@@ -7,9 +7,14 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
-from sparse_lm.config import Config, SampleConfig, register_configs, to_object
+from omegaconf import OmegaConf
+
+from sparse_lm.config import (BenchConfig, Config, DataConfig, InspectConfig, KernelsConfig, ModelConfig, OptimConfig,
+                              PruneConfig, SampleConfig, SparsityConfig, TrainConfig, register_configs, to_object)
+from sparse_lm.errors import UserError
 from sparse_lm.model import GPT
 from sparse_lm.sparsity import Sparsifier
+from sparse_lm.trainer import micro_batching
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 register_configs()
@@ -36,7 +41,8 @@ def test_every_group_option_composes_and_builds(override):
     with torch.device("meta"):
         model = GPT(cfg.model)
     Sparsifier(model, cfg.sparsity, cfg.train.max_steps)  # densities fit the j-rule for this model
-    assert cfg.train.batch_size % cfg.train.micro_batch_size == 0
+    micro, accum = micro_batching(cfg, world=1)
+    assert micro * accum == cfg.train.batch_size
 
 
 def test_presets_hold_the_reference_values():
@@ -62,3 +68,67 @@ def test_tool_configs_compose():
         sample = compose("sample", overrides=["checkpoint=runs/tiny", "top_k=null"])
         assert sample.checkpoint == "runs/tiny" and sample.top_k is None and SampleConfig(**sample).temperature == 0.8
         assert compose("inspect", overrides=["checkpoint=x"]).checkpoint == "x"
+
+
+SCHEMAS = {"model": ModelConfig, "data": DataConfig, "sparsity": SparsityConfig, "optim": OptimConfig, "train": TrainConfig,
+           "kernels": KernelsConfig}
+TOOLS = {"sample.yaml": SampleConfig, "inspect.yaml": InspectConfig, "bench.yaml": BenchConfig, "prune.yaml": PruneConfig}
+
+
+def repeated_defaults(values, schema, prefix: str) -> list[str]:
+    """Keys of `values` (a yaml node) set to the schema's default; interpolations and ??? never count."""
+    defaults = OmegaConf.to_container(OmegaConf.structured(schema), enum_to_str=True)
+    plain = OmegaConf.to_container(OmegaConf.create(values), resolve=False)
+    return [f"{prefix}{k}" for k, v in plain.items() if k in defaults and v == defaults[k]]
+
+
+def test_no_config_file_repeats_a_default_of_its_schema():
+    """A config file states only what it changes: a value equal to the schema's default is noise that can drift."""
+    repeats = []
+    for group, schema in SCHEMAS.items():
+        for path in sorted((CONF / group).glob("*.yaml")):
+            values = OmegaConf.load(path) or OmegaConf.create({})
+            repeats += repeated_defaults(values, schema, f"{path.relative_to(CONF)}: ")
+    for path in sorted((CONF / "preset").glob("*.yaml")):
+        values = OmegaConf.load(path)
+        top = {k: v for k, v in OmegaConf.to_container(values).items() if k != "defaults" and k not in SCHEMAS}
+        repeats += repeated_defaults(top, Config, f"{path.relative_to(CONF)}: ")
+    for name, schema in TOOLS.items():
+        values = OmegaConf.load(CONF / name)
+        rest = {k: v for k, v in OmegaConf.to_container(values).items() if k not in ("defaults", "hydra")}
+        repeats += repeated_defaults(rest, schema, f"{name}: ")
+    assert repeats == []
+    # The check can fail: a file that restates a default is caught.
+    assert repeated_defaults(OmegaConf.create({"lr": 1.28e-2, "eps": 0.2}), OptimConfig, "") == ["lr"]
+
+
+def test_the_schema_defaults_are_the_paper_preset():
+    assert compose_train("preset=paper") == Config(name="paper", model=ModelConfig(vocab_size=2048))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.afrac=0", "model.afrac=0.0 is out of range: it must be in (0, 1]"),
+    ("train.batch_size=0", "train.batch_size=0 is out of range"),
+    ("optim.lr=-1", "optim.lr=-1.0 is out of range"),
+    ("optim.lr=inf", "optim.lr=inf is out of range"),
+    ("optim.beta2=1", "optim.beta2=1.0 is out of range: it must be in [0, 1)"),
+    ("sparsity.anneal_end=1.5", "sparsity.anneal_end=1.5 is out of range"),
+    ("data.val_fraction=1", "data.val_fraction=1.0 is out of range"),
+    ("train.micro_batch_size=0", "train.micro_batch_size=0 must be auto or an integer"),
+    ("train.micro_batch_size=big", "train.micro_batch_size='big' must be auto or an integer"),
+    ("train.eval_sequences=0", "train.eval_sequences=0 is out of range"),
+])
+def test_numeric_fields_outside_their_range_are_refused_by_name(override, message):
+    with pytest.raises(UserError) as e:
+        compose_train(override)
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize("schema, field, value", [
+    (PruneConfig, "n_test", 0), (PruneConfig, "target", 0.0), (PruneConfig, "tau_init", 2.0), (SampleConfig, "temperature", -1.0),
+    (SampleConfig, "top_k", 0), (BenchConfig, "densities", [0.1, 0.0]),
+])
+def test_tool_fields_are_range_checked_too(schema, field, value):
+    with pytest.raises(UserError, match=f"{field}="):
+        to_object(OmegaConf.merge(OmegaConf.structured(schema), {"checkpoint": "x", field: value}) if hasattr(schema, "checkpoint")
+                  else OmegaConf.merge(OmegaConf.structured(schema), {field: value}), schema)

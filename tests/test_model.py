@@ -2,7 +2,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from sparse_lm.config import Activation, ModelConfig, Norm, PosEmb
 from sparse_lm.hooks import mean_ablate, patch, record

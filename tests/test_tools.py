@@ -4,7 +4,6 @@ import shutil
 import subprocess
 import sys
 
-import pytest
 import torch
 
 from sparse_lm import checkpoint
@@ -65,7 +64,7 @@ def test_paper_preset_runs_a_few_steps_on_cpu_with_reference_shapes_and_densitie
     run_train(
         run_dir, corpus, "preset=paper", "data.vocab_size=2048", "model.n_layer=8", "model.d_model=1024", "model.d_mlp=4096",
         "model.ctx_len=256", "sparsity.hidden_density=0.015625", "sparsity.embed_density=0.0625",
-        "train.batch_size=2", "train.micro_batch_size=1", "train.max_steps=2", "train.compile=false", "train.eval_batches=1",
+        "train.batch_size=2", "train.micro_batch_size=1", "train.max_steps=2", "train.compile=false", "train.eval_sequences=2",
     )
     _, rows = inspect_checkpoint(run_dir)
     by_name = {r.name: r for r in rows}

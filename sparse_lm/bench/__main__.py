@@ -4,15 +4,17 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from sparse_lm.config import BenchConfig, register_configs
+from sparse_lm.config import BenchConfig, register_configs, to_object
+from sparse_lm.errors import UserError, reported
 from sparse_lm.distributed import pick_device
 
 
 @hydra.main(config_path="../../conf", config_name="bench", version_base="1.3")
+@reported
 def main(dcfg: DictConfig) -> None:
-    cfg: BenchConfig = OmegaConf.to_object(dcfg)
+    cfg: BenchConfig = to_object(dcfg, BenchConfig)
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     if cfg.mode == "versus":
         from sparse_lm.bench.versus import run_versus
@@ -29,7 +31,7 @@ def main(dcfg: DictConfig) -> None:
 
         run_training(cfg, device, out_dir)
     else:
-        raise ValueError(f"mode={cfg.mode!r}: choose ops, train or versus")
+        raise UserError(f"mode={cfg.mode!r}: choose ops, train or versus")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ Task loss: cross-entropy restricted to the two answer tokens, per side (the mean
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch

@@ -23,13 +23,14 @@ import numpy as np
 from sparse_lm.config import DataConfig, Source
 from sparse_lm.data import sources
 from sparse_lm.data.tokenizer import EOT, file_hash, train_tokenizer
+from sparse_lm.errors import UserError
 from sparse_lm.fsutil import atomic_directory, write_json
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 
 
-class CacheError(RuntimeError):
+class CacheError(UserError):
     pass
 
 
@@ -56,9 +57,9 @@ def default_cache_dir() -> Path:
 def prepare(cfg: DataConfig) -> TokenData:
     """Return the tokenized corpus for `cfg`, building and caching it on first use."""
     if cfg.vocab_size > 2**16:
-        raise ValueError(f"data.vocab_size={cfg.vocab_size} does not fit the uint16 token cache (max 65536)")
+        raise UserError(f"data.vocab_size={cfg.vocab_size} does not fit the uint16 token cache (max 65536)")
     if not 0 <= cfg.val_fraction < 1:
-        raise ValueError(f"data.val_fraction={cfg.val_fraction} must be in [0, 1)")
+        raise UserError(f"data.val_fraction={cfg.val_fraction} must be in [0, 1)")
     local = sources.list_local(cfg) if cfg.source != Source.hf else None
     corpus_hash = sources.local_fingerprint(local) if local else sources.hf_fingerprint(cfg)
     settings = {"v": FORMAT_VERSION, "vocab": cfg.vocab_size, "val": cfg.val_fraction, "tok_bytes": cfg.tokenizer_sample_bytes}
@@ -94,7 +95,7 @@ def build(out: Path, documents: Callable[[], Iterable[tuple[str, str]]], cfg: Da
             if n >= cfg.tokenizer_sample_bytes:
                 break
     if not sample:
-        raise ValueError(f"data: the corpus ({cfg.source.value}) has no training documents")
+        raise UserError(f"data: the corpus ({cfg.source.value}) has no training documents")
     tok = train_tokenizer(sample, cfg.vocab_size)
     del sample
     tok.save(str(out / "tokenizer.json"))
@@ -133,7 +134,7 @@ def build(out: Path, documents: Callable[[], Iterable[tuple[str, str]]], cfg: Da
             f.close()
     for split, s in stats.items():
         if s["tokens"] == 0 and (split == "train" or cfg.val_fraction > 0):
-            raise ValueError(f"data: the {split} split is empty; the corpus is too small for data.val_fraction={cfg.val_fraction}")
+            raise UserError(f"data: the {split} split is empty; the corpus is too small for data.val_fraction={cfg.val_fraction}")
     log.info(f"data: {stats['train']['tokens']:,} train / {stats['val']['tokens']:,} val tokens in {time.time() - t0:.1f}s")
     return {
         "format": FORMAT_VERSION,
@@ -157,7 +158,10 @@ def load(entry: Path) -> TokenData:
     meta_path = entry / "meta.json"
     if not meta_path.is_file():
         raise CacheError(f"{entry}: no meta.json; this is not a complete sparse_lm token cache. Delete the directory.")
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CacheError(f"{meta_path}: not valid JSON ({e}); the cache entry is damaged. Delete {entry} to rebuild it.") from None
     actual = file_hash(entry / "tokenizer.json")
     if actual != meta["tokenizer_hash"]:
         raise CacheError(

@@ -10,13 +10,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from sparse_lm.errors import UserError
+
 
 class ChunkSampler:
     def __init__(self, tokens: np.ndarray, ctx_len: int, seed: int):
         self.tokens, self.ctx_len, self.seed = tokens, ctx_len, seed
         self.n_chunks = (len(tokens) - 1) // ctx_len
         if self.n_chunks < 1:
-            raise ValueError(f"the token stream ({len(tokens)} tokens) is shorter than one context of {ctx_len + 1}")
+            raise UserError(f"the token stream ({len(tokens)} tokens) is shorter than one context of {ctx_len + 1}")
         self._epoch, self._perm = -1, None
 
     def chunk_index(self, sample: int) -> int:
@@ -44,10 +46,11 @@ def train_batch(sampler: ChunkSampler, step: int, micro: int, rank: int, world: 
     return sampler.batch(first, micro_bs)
 
 
-def val_batches(tokens: np.ndarray, ctx_len: int, n_batches: int, micro_bs: int, rank: int = 0, world: int = 1):
-    """A fixed, evenly spaced set of validation chunks (the same every evaluation), split across ranks."""
+def val_batches(tokens: np.ndarray, ctx_len: int, n_sequences: int, micro_bs: int, rank: int = 0, world: int = 1):
+    """A fixed, evenly spaced set of `n_sequences` validation chunks (the same every evaluation, whatever the
+    micro-batch size), split across ranks and served `micro_bs` at a time."""
     n_chunks = (len(tokens) - 1) // ctx_len
-    total = min(n_batches * micro_bs, n_chunks)
+    total = min(n_sequences, n_chunks)
     if total == 0:
         return
     ids = np.linspace(0, n_chunks - 1, total).astype(np.int64).tolist()

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Iterator
 
 from sparse_lm.config import DataConfig, Source
+from sparse_lm.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +44,10 @@ def list_local(cfg: DataConfig) -> LocalCorpus:
         root = stdlib_root()
     else:
         if not cfg.path:
-            raise ValueError("data.path is required for data.source=dir (a directory of .py files)")
+            raise UserError("data.path is required for data.source=dir (a directory of .py files)")
         root = Path(cfg.path).expanduser()
         if not root.is_dir():
-            raise FileNotFoundError(f"data.path={cfg.path}: no such directory")
+            raise UserError(f"data.path={cfg.path}: no such directory")
     files = []
     for dirpath, dirnames, filenames in os.walk(root):
         reldir = Path(dirpath).relative_to(root).as_posix()
@@ -58,7 +59,7 @@ def list_local(cfg: DataConfig) -> LocalCorpus:
     if cfg.max_docs is not None:
         files = files[: cfg.max_docs]
     if not files:
-        raise ValueError(f"no files match data.include={cfg.include!r} under {root} (after data.exclude={cfg.exclude})")
+        raise UserError(f"no files match data.include={cfg.include!r} under {root} (after data.exclude={cfg.exclude})")
     return LocalCorpus(root, files)
 
 
@@ -91,13 +92,13 @@ def read_hf(cfg: DataConfig) -> Iterator[tuple[str, str]]:
     import datasets  # imported lazily: slow to import and unneeded for local sources
 
     if not cfg.hf_name:
-        raise ValueError("data.hf_name is required for data.source=hf (e.g. codeparrot/codeparrot-clean, or json)")
+        raise UserError("data.hf_name is required for data.source=hf (e.g. codeparrot/codeparrot-clean, or json)")
     ds = datasets.load_dataset(
         cfg.hf_name, cfg.hf_config, data_files=cfg.hf_data_files, split=cfg.hf_split, streaming=cfg.hf_streaming
     )
     columns = ds.column_names or []
     if columns and cfg.hf_text_column not in columns:
-        raise ValueError(f"data.hf_text_column={cfg.hf_text_column!r} is not a column of {cfg.hf_name}: {columns}")
+        raise UserError(f"data.hf_text_column={cfg.hf_text_column!r} is not a column of {cfg.hf_name}: {columns}")
     n_bytes = 0
     for i, row in enumerate(ds):
         if cfg.max_docs is not None and i >= cfg.max_docs:
