@@ -1,4 +1,4 @@
-"""Triton kernels for weight-sparse training (SPEC §4), each wrapped as a torch custom op.
+"""Triton kernels for weight-sparse training (docs/method.md §4), each wrapped as a torch custom op.
 
 - `abstopk`:  fused per-token top-|x| (activation sparsity), forward and backward.
 - `compress`: compressed copies of a sparse weight (CSR by output rows and by input rows), built on the GPU.

@@ -1,4 +1,4 @@
-"""One mechanism to read, replace or ablate any named activation site (SPEC §1).
+"""One mechanism to read, replace or ablate any named activation site (docs/method.md §1).
 
 Sites are `sparse_lm.model.Site` modules named like `3.attn.q`, `3.mlp.neuron` or `3.resid_mid`
 (see `GPT.sites`). Everything here is a context manager that installs forward hooks and removes them on exit:

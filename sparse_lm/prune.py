@@ -1,4 +1,4 @@
-"""Prune a checkpoint to the smallest circuit for each task and count its edges (SPEC §5).
+"""Prune a checkpoint to the smallest circuit for each task and count its edges (docs/method.md §5).
 
     python -m sparse_lm.prune checkpoint=runs/tiny tasks=all
     python -m sparse_lm.prune runs/tiny tasks=[bracket_counting,set_or_string] random_init=true

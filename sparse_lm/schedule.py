@@ -1,4 +1,4 @@
-"""Density annealing and the "sharkfin" learning rate (SPEC §2), as functions of training progress t in [0, 1].
+"""Density annealing and the "sharkfin" learning rate (docs/method.md §2), as functions of training progress t in [0, 1].
 
 The trainer evaluates both at t = n / max_steps, where n is the number of optimizer steps completed once the
 current step is taken: the lr of the step that brings the run to n, and the density projected after it.

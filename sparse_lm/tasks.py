@@ -1,4 +1,4 @@
-"""Binary next-token tasks on Python code (SPEC §5), for measuring circuits.
+"""Binary next-token tasks on Python code (docs/method.md §5), for measuring circuits.
 
 A datapoint is a pair of contexts A and B that differ in one place; after A the right next token is `a`, after
 B it is `b`. Each task tests one mechanism (closing the right quote, counting brackets, remembering a

@@ -1,6 +1,6 @@
 """The training loop: data → model → sparse AdamW steps → logs, evaluations and checkpoints.
 
-One optimizer step (SPEC §2), for step n → n + 1 at progress t = (n + 1) / max_steps:
+One optimizer step (docs/method.md §2), for step n → n + 1 at progress t = (n + 1) / max_steps:
   1. forward/backward over the micro-batches (DDP averages gradients across processes),
   2. divide all gradients by their global RMS (or clip),
   3. Adam with the sharkfin learning rate, dense moments,

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from sparse_lm.errors import UserError
 from sparse_lm import checkpoint
 
 
@@ -83,5 +84,5 @@ def test_resolve_accepts_run_dirs_and_names_what_is_missing(tmp_path, tokenizer)
     model, opt = tiny_state()
     path = save(tmp_path / "run" / "checkpoints", 3, model, opt, tokenizer)
     assert checkpoint.resolve(tmp_path / "run") == path == checkpoint.resolve(path)
-    with pytest.raises(FileNotFoundError, match="no checkpoint here"):
+    with pytest.raises(UserError, match="no checkpoint here"):
         checkpoint.resolve(tmp_path / "elsewhere")

@@ -1,4 +1,4 @@
-"""Circuit pruning (SPEC §5): tasks, straight-through masks, mean ablation, bisection, edges, and a planted circuit."""
+"""Circuit pruning (docs/method.md §5): tasks, straight-through masks, mean ablation, bisection, edges, and a planted circuit."""
 
 import json
 

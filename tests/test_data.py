@@ -4,6 +4,7 @@ import time
 import numpy as np
 import pytest
 
+from sparse_lm.errors import UserError
 from sparse_lm.config import DataConfig, Source
 from sparse_lm.data import cache as cache_mod
 from sparse_lm.data.cache import CacheError, prepare
@@ -38,7 +39,7 @@ def test_dir_source_globs_excludes_and_skips_non_utf8(tmp_path):
 
 
 def test_missing_or_empty_corpus_errors_name_the_setting(tmp_path):
-    with pytest.raises(FileNotFoundError, match="data.path=.*no such directory"):
+    with pytest.raises(UserError, match="data.path=.*no such directory"):
         prepare(dir_cfg(tmp_path / "nope", tmp_path))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no files match data.include"):
@@ -137,10 +138,12 @@ def test_batches_are_a_pure_function_of_step_and_ranks_read_disjoint_rows():
 
 def test_validation_batches_are_fixed_and_split_across_ranks():
     tokens = np.arange(5_001, dtype=np.uint16)
-    full = [x for x, _ in val_batches(tokens, 10, n_batches=3, micro_bs=4)]
-    halves = [x for r in range(2) for x, _ in val_batches(tokens, 10, 3, 4, rank=r, world=2)]
-    assert sum(len(x) for x in full) == 12 == sum(len(x) for x in halves)
-    assert sorted(int(x[i, 0]) for x in full for i in range(len(x))) == sorted(int(x[i, 0]) for x in halves for i in range(len(x)))
+    full = [x for x, _ in val_batches(tokens, 10, n_sequences=12, micro_bs=4)]
+    halves = [x for r in range(2) for x, _ in val_batches(tokens, 10, 12, 4, rank=r, world=2)]
+    other = [x for x, _ in val_batches(tokens, 10, 12, 5)]  # another micro-batch size: the same sequences
+    assert sum(len(x) for x in full) == 12 == sum(len(x) for x in halves) == sum(len(x) for x in other)
+    starts = sorted(int(x[i, 0]) for x in full for i in range(len(x)))
+    assert starts == sorted(int(x[i, 0]) for x in halves for i in range(len(x))) == sorted(int(x[i, 0]) for x in other for i in range(len(x)))
 
 
 def torch_equal(a, b) -> bool:

@@ -1,7 +1,7 @@
 """Every Triton kernel against its torch reference (on CPU under TRITON_INTERPRET=1, set in conftest.py).
 
 Shapes are small and deliberately not multiples of the block sizes; values are checked in fp32 and fp16 (the
-interpreter gets bf16 dots and atomics wrong, see SPEC §4), gradients in fp32.
+interpreter gets bf16 dots and atomics wrong, see docs/method.md §4), gradients in fp32.
 """
 
 import pytest

@@ -7,11 +7,11 @@ from sparse_lm.schedule import density_at, lr_multiplier
 from sparse_lm.sparsity import Sparsifier
 from tests.test_sparsity import small_model
 
-# SPEC §2: multiplier of the base lr, anneal 1% → 50% to density 1/64, linear in density, warm-up 1%.
-SPEC_TABLE = {0: 0, 0.01: 0.125, 0.1: 0.126, 0.3: 0.137, 0.4: 0.163, 0.45: 0.204, 0.5: 0.505, 0.6: 0.404, 0.8: 0.202, 1.0: 0}
+# docs/method.md §2: multiplier of the base lr, anneal 1% → 50% to density 1/64, linear in density, warm-up 1%.
+REFERENCE_TABLE = {0: 0, 0.01: 0.125, 0.1: 0.126, 0.3: 0.137, 0.4: 0.163, 0.45: 0.204, 0.5: 0.505, 0.6: 0.404, 0.8: 0.202, 1.0: 0}
 
 
-@pytest.mark.parametrize("t, expected", SPEC_TABLE.items())
+@pytest.mark.parametrize("t, expected", REFERENCE_TABLE.items())
 def test_sharkfin_matches_spec_table(t, expected):
     density = density_at(t, 1 / 64, 0.01, 0.5)
     assert lr_multiplier(t, 0.01, density, 1 / 64) == pytest.approx(expected, abs=6e-4)

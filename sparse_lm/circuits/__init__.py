@@ -1,4 +1,4 @@
-"""Circuits (SPEC §5): prune a model to the smallest set of nodes that still performs a task, count its edges.
+"""Circuits (docs/method.md §5): prune a model to the smallest set of nodes that still performs a task, count its edges.
 
 - nodes.py:   the node space (one node per channel of every prunable site) and mean-ablating forward passes
 - pruning.py: site means, task loss, straight-through mask training, bisection, logit calibration

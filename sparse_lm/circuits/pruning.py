@@ -1,4 +1,4 @@
-"""Pruning a model to a task's circuit (SPEC §5).
+"""Pruning a model to a task's circuit (docs/method.md §5).
 
 1. Means: every node's mean activation over pretraining data; a pruned node is replaced by it.
 2. Mask training: one real τ per node, clamped to [−1, 1]. The forward pass keeps a node when τ ≥ 0 (a hard

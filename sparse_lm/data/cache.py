@@ -1,4 +1,4 @@
-"""Tokenize a corpus once into uint16 memmaps, cached by content hash (SPEC §3).
+"""Tokenize a corpus once into uint16 memmaps, cached by content hash (docs/method.md §3).
 
 A cache entry is a directory `<cache_dir>/<source>-<key>/` holding `tokenizer.json`, `train.bin`, `val.bin`
 and `meta.json` (tokenizer hash, corpus hash, token and byte counts, sources, interpreter version). The key

@@ -1,4 +1,4 @@
-"""Where training text comes from (SPEC §3): the stdlib, a directory of .py files, or a Hugging Face dataset.
+"""Where training text comes from (docs/method.md §3): the stdlib, a directory of .py files, or a Hugging Face dataset.
 
 A source yields `(key, text)` documents. The key (a relative path where there is one) decides the train/val
 split by hash, so the split is by file, stable when files are added, and independent of reading order.

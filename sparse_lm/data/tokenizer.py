@@ -1,4 +1,4 @@
-"""Byte-level BPE with one special `<|endoftext|>` token between documents (SPEC §3)."""
+"""Byte-level BPE with one special `<|endoftext|>` token between documents (docs/method.md §3)."""
 
 from __future__ import annotations
 
