@@ -16,7 +16,6 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
 from sparse_lm.config import Activation, ModelConfig, Norm, PosEmb
 from sparse_lm.errors import UserError
@@ -108,51 +107,15 @@ class Attention(nn.Module):
 def attention_with_sink(q, k, v, sink):
     """Causal softmax attention with one extra zero key/value slot per head, scored by `sink`.
 
-    The slot only adds exp(sink[h]) to each softmax denominator. Two exact formulations: an additive float mask
-    (GPUs), and an extra head dimension that lets a CPU use SDPA's fused kernel (the mask, which needs a
-    gradient, would force its slow math path there; 1.5-2x slower measured on 2 cores).
+    The slot is prepended as key/value position 0; an additive float mask gives it the logit sink[h] (q·0 = 0)
+    and applies the causal mask to the real positions. Gradients reach `sink` through the mask.
     """
-    if q.device.type == "cpu":
-        return sink_attention_extra_dim(q, k, v, sink)
-    return sink_attention_masked(q, k, v, sink)
-
-
-def sink_attention_masked(q, k, v, sink):
-    """The slot as key/value position 0; an additive mask gives it the logit sink[h] (q·0 = 0) and is causal elsewhere."""
     B, H, T, D = q.shape
     zero = q.new_zeros(B, H, 1, D)
     k, v = torch.cat([zero, k], dim=2), torch.cat([zero, v], dim=2)
     causal = torch.full((T, T), float("-inf"), device=q.device).triu(1)
     mask = torch.cat([sink.view(H, 1, 1).expand(H, T, 1), causal.expand(H, T, T)], dim=-1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype))
-
-
-def sink_attention_extra_dim(q, k, v, sink):
-    """The slot as key position 0 with one more head dimension: queries carry a 1 there, real keys a 0 and the sink
-    key sink[h]/scale, so its score is sink[h]; values get a zero dimension. A causal mask aligned to the bottom
-    right (query i sees the sink and real keys 0..i) needs no tensor, so SDPA can use its fused kernel."""
-    B, H, T, D = q.shape
-    scale = D**-0.5
-    sink_key = F.pad((sink.to(q.dtype) / scale).view(1, H, 1, 1).expand(B, H, 1, 1), (D, 0))
-    k = torch.cat([sink_key, F.pad(k, (0, 1))], dim=2)
-    y = F.scaled_dot_product_attention(F.pad(q, (0, 1), value=1.0), k, F.pad(v, (0, 1, 1, 0)),
-                                       attn_mask=causal_lower_right(T, T + 1), scale=scale)
-    return y[..., :D]
-
-
-class _RowLookup(torch.autograd.Function):
-    # table[idx] whose backward adds rows with index_add_: deterministic on a CPU (like F.embedding's) and
-    # several times faster there for a 2048 x 2048 table.
-    @staticmethod
-    def forward(ctx, table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(idx)
-        ctx.rows = table.shape[0]
-        return table.index_select(0, idx)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (idx,) = ctx.saved_tensors
-        return grad.new_zeros(ctx.rows, grad.shape[-1]).index_add_(0, idx, grad), None
 
 
 class MLP(nn.Module):
@@ -246,17 +209,10 @@ class GPT(nn.Module):
         if last is not None:
             rows = torch.arange(idx.shape[0], device=idx.device)
             x, idx = x[rows, last], idx[rows, last]
-        h = self.norm_f(x)
-        if self.bigram is None:
-            logits = self.lm_head(h)
-        else:
-            # The row of the current token is added to the logits; addmm does it inside the matmul (one pass
-            # over the logits fewer). Under autocast the sum is kept in fp32, as the bigram table is.
-            rows = _RowLookup.apply(self.bigram, idx.reshape(-1)).view(*idx.shape, -1)
-            if torch.is_autocast_enabled(h.device.type):
-                logits = self.lm_head(h) + rows
-            else:
-                logits = torch.addmm(rows.flatten(0, -2), h.flatten(0, -2), self.lm_head.weight.t()).view_as(rows)
+        logits = self.lm_head(self.norm_f(x))
+        if self.bigram is not None:
+            # F.embedding rather than bigram[idx]: its CPU backward is deterministic (index_put's is not).
+            logits = logits + F.embedding(idx, self.bigram)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
