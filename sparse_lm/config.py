@@ -218,7 +218,7 @@ class SampleConfig:
 class BenchConfig:
     """`python -m sparse_lm.bench`: each op against its references (ops), training steps (train), or versus a revision."""
 
-    mode: str = "ops"  # ops | train | versus
+    mode: str = "ops"  # ops | train | versus | profile
     device: str = "auto"
     dtype: str = "bf16"  # on CUDA; the CPU runs fp32
     # ops on CUDA: [out, in] of the MLP matrices at d_model 1024 and 2048 (d_mlp = 4 d_model), 65,536 tokens
@@ -252,6 +252,9 @@ class BenchConfig:
     versus_chunk: int = ranged(10, 1)  # steps each side takes per turn
     versus_noise_steps: int = ranged(100, 1)  # steps of the 1-ulp fp32-noise yardstick
     versus_check_every: int = ranged(25, 1)  # compare the projection's survivors with the baseline's every this many steps
+    # mode=profile: per-op CPU time of training steps (this checkout, and `baseline` unless it is HEAD)
+    profile_step: int = ranged(400, 0)  # the schedule position profiled (the tiny preset's final density)
+    profile_steps: int = ranged(5, 1)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""`python -m sparse_lm.bench [mode=ops|train|versus] [field=value ...]`: results go to bench/<date>_<time>_<mode>/."""
+"""`python -m sparse_lm.bench [mode=ops|train|versus|profile] [field=value ...]`: results go to bench/<date>_<time>_<mode>/."""
 
 from pathlib import Path
 
@@ -21,6 +21,11 @@ def main(dcfg: DictConfig) -> None:
 
         run_versus(cfg, out_dir)
         return
+    if cfg.mode == "profile":
+        from sparse_lm.bench.profile import run_profile
+
+        run_profile(cfg, out_dir)
+        return
     device = pick_device(cfg.device)
     if cfg.mode == "ops":
         from sparse_lm.bench.ops import run_ops
@@ -31,7 +36,7 @@ def main(dcfg: DictConfig) -> None:
 
         run_training(cfg, device, out_dir)
     else:
-        raise UserError(f"mode={cfg.mode!r}: choose ops, train or versus")
+        raise UserError(f"mode={cfg.mode!r}: choose ops, train, versus or profile")
 
 
 if __name__ == "__main__":

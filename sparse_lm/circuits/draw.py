@@ -14,14 +14,14 @@ import html
 import re
 
 from sparse_lm.circuits.edges import Edge
-from sparse_lm.circuits.nodes import PRUNE_SITES
+from sparse_lm.roles import SITES, site_name
 
 NODE = re.compile(r"^(.*)\[(\d+)\]$")
 
 
 def layout(n_layer: int, dims: dict[str, int], edges: list[Edge], kept: dict[str, list[int]]):
     """(rows: [(y, label)], positions: {node label: (x, y)}) with x, y in [0, 1]."""
-    row_names = ["tokens", "embedding"] + [f"{layer}.{s}" for layer in range(n_layer) for s in PRUNE_SITES] + ["unembedding", "answers"]
+    row_names = ["tokens", "embedding"] + [site_name(layer, s) for layer in range(n_layer) for s in SITES] + ["unembedding", "answers"]
     y = {name: i / (len(row_names) - 1) for i, name in enumerate(row_names)}
     pos = {}
     for site, channels in kept.items():

@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from sparse_lm.circuits.nodes import PRUNE_SITES, READS, WRITES
 from sparse_lm.config import EdgeConventions
+from sparse_lm.roles import RESIDUAL_READS, RESIDUAL_WRITES, SITES, site_kind, site_name
 
 
 def describe(conv: EdgeConventions) -> str:
@@ -55,30 +55,30 @@ def circuit_edges(weights: dict[str, torch.Tensor], n_layer: int, d_head: int, k
         p = f"blocks.{layer}."
         c_attn = weights[p + "attn.c_attn.weight"]
         width = c_attn.shape[0] // 3
-        site = {s: f"{layer}.{s}" for s in PRUNE_SITES}
-        read_attn = _mask(kept, site["attn.in"], d_model)
-        q, k, v = (_mask(kept, site[s], width) for s in ("attn.q", "attn.k", "attn.v"))
-        for part, (name, m) in enumerate((("attn.q", q), ("attn.k", k), ("attn.v", v))):
+        site = {kind: site_name(layer, kind) for kind in SITES}
+        read_attn = _mask(kept, site["attn_in"], d_model)
+        q, k, v = (_mask(kept, site[s], width) for s in ("attn_q", "attn_k", "attn_v"))
+        for part, (name, m) in enumerate((("attn_q", q), ("attn_k", k), ("attn_v", v))):
             rows = torch.zeros(3 * width, dtype=torch.bool)
             rows[part * width : (part + 1) * width] = m
-            matrix(c_attn, rows, read_attn, site["attn.in"], site[name], "attn.qkv", row_offset=part * width)
+            matrix(c_attn, rows, read_attn, site["attn_in"], site[name], "attn.qkv", row_offset=part * width)
         if conv.qk_pairs:
             for c in (q & k).nonzero().flatten().tolist():
-                edges.append(Edge(f"{site['attn.q']}[{c}]", f"{site['attn.k']}[{c}]", 1.0, "attn.qk"))
-        matrix(weights[p + "attn.c_proj.weight"], _mask(kept, site["attn.out"], d_model), v, site["attn.v"], site["attn.out"], "attn.out")
+                edges.append(Edge(f"{site['attn_q']}[{c}]", f"{site['attn_k']}[{c}]", 1.0, "attn.qk"))
+        matrix(weights[p + "attn.c_proj.weight"], _mask(kept, site["attn_out"], d_model), v, site["attn_v"], site["attn_out"], "attn.out")
         d_mlp = weights[p + "mlp.c_fc.weight"].shape[0]
-        neuron = _mask(kept, site["mlp.neuron"], d_mlp)
-        matrix(weights[p + "mlp.c_fc.weight"], neuron, _mask(kept, site["mlp.in"], d_model), site["mlp.in"], site["mlp.neuron"], "mlp.in")
-        matrix(weights[p + "mlp.c_proj.weight"], _mask(kept, site["mlp.out"], d_model), neuron, site["mlp.neuron"], site["mlp.out"], "mlp.out")
+        neuron = _mask(kept, site["mlp_neuron"], d_mlp)
+        matrix(weights[p + "mlp.c_fc.weight"], neuron, _mask(kept, site["mlp_in"], d_model), site["mlp_in"], site["mlp_neuron"], "mlp.in")
+        matrix(weights[p + "mlp.c_proj.weight"], _mask(kept, site["mlp_out"], d_model), neuron, site["mlp_neuron"], site["mlp_out"], "mlp.out")
 
-    residual_order = [f"{layer}.{s}" for layer in range(n_layer) for s in PRUNE_SITES if s in READS + WRITES]
+    residual_order = [site_name(layer, s) for layer in range(n_layer) for s in SITES if s in RESIDUAL_READS + RESIDUAL_WRITES]
     read = torch.zeros(d_model, dtype=torch.bool)  # residual channels some kept node reads
     written = torch.zeros(d_model, dtype=torch.bool)  # ... and writes
     for layer in range(n_layer):
-        for s in READS:
-            read |= _mask(kept, f"{layer}.{s}", d_model)
-        for s in WRITES:
-            written |= _mask(kept, f"{layer}.{s}", d_model)
+        for s in RESIDUAL_READS:
+            read |= _mask(kept, site_name(layer, s), d_model)
+        for s in RESIDUAL_WRITES:
+            written |= _mask(kept, site_name(layer, s), d_model)
     if conv.embedding:
         wte = weights["wte.weight"]
         for t in sorted(set(tokens)):
@@ -91,11 +91,11 @@ def circuit_edges(weights: dict[str, torch.Tensor], n_layer: int, d_head: int, k
                 edges.append(Edge(f"unembedding[{r}]", f"answer {token_text(a)!r}", float(head[a, r]), "unembedding"))
     if conv.residual:
         for i, w_site in enumerate(residual_order):
-            if w_site.split(".", 1)[1] not in WRITES:
+            if site_kind(w_site) not in RESIDUAL_WRITES:
                 continue
             for r in kept.get(w_site, []):
                 for r_site in residual_order[i + 1 :]:
-                    if r_site.split(".", 1)[1] in READS and r in kept.get(r_site, []):
+                    if site_kind(r_site) in RESIDUAL_READS and r in kept.get(r_site, []):
                         edges.append(Edge(f"{w_site}[{r}]", f"{r_site}[{r}]", 1.0, "residual"))
     return edges
 

@@ -14,10 +14,8 @@ import torch
 
 from sparse_lm.hooks import blend, patch
 from sparse_lm.model import GPT
+from sparse_lm.roles import SITES
 
-PRUNE_SITES = ("attn.in", "attn.q", "attn.k", "attn.v", "attn.out", "mlp.in", "mlp.neuron", "mlp.out")
-READS = ("attn.in", "mlp.in")  # sites that read the residual stream
-WRITES = ("attn.out", "mlp.out")  # sites that write to it
 
 
 @dataclass
@@ -27,12 +25,9 @@ class NodeSpace:
 
     @classmethod
     def of(cls, model: GPT) -> NodeSpace:
-        c = model.cfg
-        width = (c.d_model // c.d_head) * c.d_head
-        dim = {"attn.in": c.d_model, "attn.q": width, "attn.k": width, "attn.v": width, "attn.out": c.d_model,
-               "mlp.in": c.d_model, "mlp.neuron": c.d_mlp, "mlp.out": c.d_model}
-        sites = [f"{layer}.{s}" for layer in range(c.n_layer) for s in PRUNE_SITES]
-        return cls(sites, [dim[s.split(".", 1)[1]] for s in sites])
+        """Every channel of the model's sites of kind sparse_lm.roles.SITES (the residual stream has no nodes)."""
+        sites = [site for site in model.sites.values() if site.kind in SITES]
+        return cls([site.name for site in sites], [site.dim for site in sites])
 
     @property
     def total(self) -> int:
