@@ -149,19 +149,17 @@ def read(path: Path, map_location="cpu"):
         if path.suffix == ".json":
             return json.loads(path.read_text())
         return torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError as e:
-        raise damaged(path, e) from None
-    except Exception as e:  # a truncated zip, a half-written JSON, ...
+    except Exception as e:  # missing, a truncated zip, a half-written JSON, ...
         raise damaged(path, e) from None
 
 
 def load_config(ckpt: Path):
     """The checkpoint's config.yaml as a Config."""
-    from sparse_lm.config import load_yaml
+    from sparse_lm.config import UnreadableConfig, load_yaml
 
     try:
         return load_yaml(Path(ckpt) / "config.yaml")
-    except UserError as e:
+    except UnreadableConfig as e:
         raise damaged(Path(ckpt) / "config.yaml", e) from None
 
 

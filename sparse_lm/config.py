@@ -8,6 +8,7 @@ what they change, and numeric fields carry their valid range, checked before any
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
 from typing import Any, Optional
@@ -143,7 +144,7 @@ class SparsityConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = ranged(1.28e-2, 0, float("inf"), lo_open=True, hi_open=True)
+    lr: float = ranged(1.28e-2, **POSITIVE)
     beta1: float = ranged(0.9, 0, 1, hi_open=True)
     beta2: float = ranged(0.95, 0, 1, hi_open=True)
     eps: float = ranged(0.1, **POSITIVE)  # unusually large on purpose
@@ -223,16 +224,16 @@ class BenchConfig:
     dtype: str = "bf16"  # on CUDA; the CPU runs fp32
     # ops on CUDA: [out, in] of the MLP matrices at d_model 1024 and 2048 (d_mlp = 4 d_model), 65,536 tokens
     tokens: int = ranged(65536, 1)
-    shapes: list[list[int]] = field(default_factory=lambda: [[4096, 1024], [1024, 4096], [8192, 2048], [2048, 8192]])
+    shapes: list[list[int]] = ranged(lo=1, factory=lambda: [[4096, 1024], [1024, 4096], [8192, 2048], [2048, 8192]])
     densities: list[float] = ranged(**DENSITY, factory=lambda: [0.1, 0.03, 0.01, 0.003, 0.001])
-    select_shape: list[int] = field(default_factory=lambda: [4096, 4096])  # 16.8M entries
+    select_shape: list[int] = ranged(lo=1, factory=lambda: [4096, 4096])  # 16.8M entries
     select_density: float = ranged(1 / 64, **DENSITY)
     abstopk_dims: list[int] = ranged(lo=1, hi=8192, factory=lambda: [1024, 4096, 8192])
     afrac: float = ranged(0.25, **DENSITY)
     # ops on the CPU: the reference backends at small shapes
     cpu_tokens: int = ranged(2048, 1)
-    cpu_shapes: list[list[int]] = field(default_factory=lambda: [[512, 128], [128, 512]])
-    cpu_select_shape: list[int] = field(default_factory=lambda: [512, 512])
+    cpu_shapes: list[list[int]] = ranged(lo=1, factory=lambda: [[512, 128], [128, 512]])
+    cpu_select_shape: list[int] = ranged(lo=1, factory=lambda: [512, 512])
     cpu_abstopk_dims: list[int] = ranged(lo=1, hi=8192, factory=lambda: [128, 512])
     warmup_ms: int = ranged(25, 0)
     rep_ms: int = ranged(100, 1)
@@ -307,6 +308,10 @@ def register_configs() -> None:
     cs.store(name="prune_schema", node=PruneConfig)
 
 
+def flatten(value) -> list:
+    return [x for v in value for x in flatten(v)] if isinstance(value, list) else [value]
+
+
 def check_ranges(obj, prefix: str = "") -> None:
     """Raise a UserError naming the first field whose value lies outside its declared range."""
     for f in fields(obj):
@@ -317,9 +322,9 @@ def check_ranges(obj, prefix: str = "") -> None:
         if "range" not in f.metadata or value is None:
             continue
         lo, hi, lo_open, hi_open = f.metadata["range"]
-        for v in value if isinstance(value, list) else [value]:
+        for v in flatten(value):
             bad = (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and (v >= hi if hi_open else v > hi))
-            if bad or v != v:  # v != v: NaN
+            if bad or not math.isfinite(v):  # no field takes inf or NaN
                 low = "-inf" if lo is None else f"{lo:g}"
                 high = "inf" if hi is None else f"{hi:g}"
                 raise UserError(f"{name}={value} is out of range: it must be in {'(' if lo_open or lo is None else '['}{low}, "
@@ -363,7 +368,18 @@ def load_yaml(path) -> Config:
     """
     try:
         raw = OmegaConf.to_container(OmegaConf.load(path))
-    except Exception as e:  # a truncated or hand-edited file
-        raise UserError(f"{path}: not a readable config ({type(e).__name__}: {e})") from None
+        if not isinstance(raw, dict):
+            raise ValueError("not a mapping")
+    except Exception as e:  # a truncated or overwritten file
+        raise UnreadableConfig(f"{path}: not a readable config ({type(e).__name__}: {e})") from None
     kept, _ = known_keys(raw, OmegaConf.structured(Config))
-    return to_object(OmegaConf.create(kept))
+    try:
+        return to_object(OmegaConf.create(kept))
+    except UserError as e:
+        raise UserError(f"{path}: does not fit this version of sparse_lm: {e}") from None
+    except Exception as e:  # omegaconf's validation: a type this version's schema does not take
+        raise UserError(f"{path}: does not fit this version of sparse_lm ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+
+
+class UnreadableConfig(UserError):
+    """A config file that does not parse (truncated, overwritten): the file is damaged, not just old."""

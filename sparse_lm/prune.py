@@ -10,7 +10,11 @@ summary table and the geometric mean of edge counts over the tasks the full mode
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import shutil
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -183,20 +187,29 @@ def task_list(spec) -> list[str]:
     return names
 
 
-RESULTS = ("*.json", "*.png", "*.html")  # what an invocation writes to its out_dir (and to out_dir/random_init)
+def earlier_results(out: Path) -> list[str]:
+    """Files an earlier invocation wrote to `out` (relative paths): those its run.json lists, or, for results written
+    before run.json listed them, its summary and per-task files. Anything else in `out` is not ours."""
+    manifest = out / "run.json"
+    if manifest.is_file():
+        try:
+            listed = json.loads(manifest.read_text()).get("files")
+        except json.JSONDecodeError:
+            listed = None
+        if listed is not None:
+            return [f for f in listed if (out / f).is_file()]
+    names = ["run.json", "summary.json", "summary.txt"] + [f"{t}.{ext}" for t in TASKS for ext in ("json", "png", "html")]
+    return [f"{d}{n}" for d in ("", "random_init/") for n in names if (out / d / n).is_file()]
 
 
-def claim_output(out: Path, overwrite: bool) -> None:
-    """Refuse an out_dir holding an earlier invocation's results, unless overwrite=true (which clears them first)."""
-    earlier = sorted(p.relative_to(out).as_posix() for d in (out, out / "random_init") if d.is_dir() for g in RESULTS for p in d.glob(g))
-    if not earlier:
-        return
-    if not overwrite:
-        shown = ", ".join(earlier[:3]) + (f" and {len(earlier) - 3} more" if len(earlier) > 3 else "")
-        raise UserError(f"out_dir {out} already holds the results of an earlier prune ({shown}); keep them by choosing another "
-                        f"out_dir=..., or replace them with overwrite=true")
-    for name in earlier:
-        (out / name).unlink()
+def publish(staging: Path, out: Path, replaced: list[str]) -> None:
+    """Move an invocation's finished files from `staging` into `out`, then drop the earlier files it replaces."""
+    written = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
+    for name in written:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging / name, out / name)
+    for name in set(replaced) - set(written):
+        (out / name).unlink(missing_ok=True)
 
 
 def run(cfg: PruneConfig) -> dict:
@@ -205,9 +218,30 @@ def run(cfg: PruneConfig) -> dict:
     ckpt = checkpoint.resolve(cfg.checkpoint)
     in_run = ckpt.parent.name == "checkpoints"  # <run>/checkpoints/step-N, or a checkpoint directory on its own
     out = Path(cfg.out_dir) if cfg.out_dir else (ckpt.parent.parent / "circuits" / ckpt.name if in_run else ckpt / "circuits")
-    claim_output(out, cfg.overwrite)  # before any work
+    earlier = earlier_results(out)
+    if earlier and not cfg.overwrite:  # refused before any work
+        shown = ", ".join(earlier[:3]) + (f" and {len(earlier) - 3} more" if len(earlier) > 3 else "")
+        raise UserError(f"out_dir {out} already holds the results of an earlier prune ({shown}); keep them by choosing another "
+                        f"out_dir=..., or replace them with overwrite=true")
     model, tokenizer, mcfg, state = load_model(ckpt, cfg.device)
     model.requires_grad_(False)
+    # Results are written aside and moved into out_dir only once complete: a failure leaves earlier ones intact.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        result = prune_all(model, tokenizer, mcfg, state, ckpt, tasks, cfg, staging)
+        files = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
+        write_json(staging / "run.json", {**result, "files": files + ["run.json"],
+                                          "config": OmegaConf.to_container(OmegaConf.structured(cfg))})
+        publish(staging, out, earlier)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(f"wrote {out} in {result['seconds']:.0f}s")
+    return result
+
+
+def prune_all(model: GPT, tokenizer, mcfg, state: dict, ckpt: Path, tasks: list[str], cfg: PruneConfig, out: Path) -> dict:
+    """The trained model's circuits, and the random-init control's when asked, written under `out`."""
     t0 = time.time()
     space = NodeSpace.of(model)
     result = {"checkpoint": str(ckpt), "step": state["step"]}
@@ -223,8 +257,6 @@ def run(cfg: PruneConfig) -> dict:
         result["random_init"] = prune_model(random_model, tokenizer, means, tasks, cfg, out / "random_init",
                                             "random-init control", control=True)
     result["seconds"] = round(time.time() - t0, 1)
-    write_json(out / "run.json", {**result, "config": OmegaConf.to_container(OmegaConf.structured(cfg))})
-    print(f"wrote {out} in {result['seconds']:.0f}s")
     return result
 
 

@@ -86,6 +86,17 @@ def schedule_effect(old: Config, new: Config, step: int) -> str:
             f"{m0:.3g} to {m1:.3g} (the anneal and the lr are fractions of train.max_steps){note}")
 
 
+def override_value(value) -> str:
+    """A value as a Hydra command-line override writes it."""
+    if value is None:
+        return "null"
+    if isinstance(value, list):
+        return "[" + ",".join(override_value(v) for v in value) + "]"
+    if isinstance(value, str) and any(c in value for c in " ,[]{}()=*'\""):
+        return "'" + value.replace("'", "\\'") + "'"
+    return str(value)
+
+
 def check_changes(cfg: Config, ckpt: Path) -> list[str]:
     """Refuse a resume that changes the trajectory, unless allowed; return the lines to log when allowed."""
     old = checkpoint.load_config(ckpt)
@@ -96,10 +107,11 @@ def check_changes(cfg: Config, ckpt: Path) -> list[str]:
     listed = "\n".join(f"  {k}: {a!r} (checkpoint) -> {b!r} (now)" for k, a, b in ((k, *v) for k, v in changes.items()))
     effect = schedule_effect(old, cfg, step)
     if cfg.train.resume_changes == ResumeChanges.refuse:
+        same = " ".join(f"{k}={override_value(a)}" for k, (a, _) in changes.items())
         raise UserError(
             f"train.resume: {ckpt} was trained with other settings that define the run's trajectory:\n{listed}\n"
-            f"Resuming with them would change the run mid-way: {effect}.\nTo continue the same run, drop these overrides "
-            f"(the checkpoint's config.yaml has its values). To branch, resume into a new directory "
-            f"(hydra.run.dir=...) with train.resume_changes=allow. To change them here, add train.resume_changes=allow."
+            f"Resuming with them would change the run mid-way: {effect}.\nTo continue the same run, give the "
+            f"checkpoint's values: {same}\nTo branch, resume into a new directory (hydra.run.dir=...) with "
+            f"train.resume_changes=allow; to change them here, add train.resume_changes=allow."
         )
     return [f"resume_changes=allow: continuing {ckpt} with changed settings:", *listed.split("\n"), effect]

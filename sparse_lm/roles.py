@@ -31,7 +31,8 @@ def site_kind(name: str) -> str:
 # Weight matrices of a block, as nn.Linear ([out, in]), and the axis that indexes the neurons each one touches:
 # 0 = each row is a neuron (c_fc, c_attn: MLP neurons, q/k/v channels), 1 = each column (the c_proj reading them).
 HIDDEN = {"attn.c_attn.weight": 0, "attn.c_proj.weight": 1, "mlp.c_fc.weight": 0, "mlp.c_proj.weight": 1}
-EMBEDDINGS = ("wte.weight", "wpe.weight", "lm_head.weight")
+UNEMBEDDING = "lm_head.weight"
+EMBEDDINGS = ("wte.weight", "wpe.weight", UNEMBEDDING)
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,8 @@ class Role:
         """Decoupled weight decay: every matrix but the bigram table (not biases, gains or sink logits)."""
         return self.kind in ("hidden", "embed")
 
+    matmul: bool = False  # multiplies activations in the forward pass (the hidden matrices and the unembedding)
+
     def sparse(self, sparsify_biases: bool) -> bool:
         """Projected to a density: matrices and embeddings, biases by choice; never gains, sinks, the bigram table."""
         return self.kind in ("hidden", "embed") or (self.kind == "bias" and sparsify_biases)
@@ -55,9 +58,9 @@ def role(name: str) -> Role:
     """The role of a GPT parameter, from its name in `named_parameters()`."""
     axis = next((a for suffix, a in HIDDEN.items() if name.endswith(suffix)), None)
     if axis is not None:
-        return Role("hidden", axis)
+        return Role("hidden", axis, matmul=True)
     if name in EMBEDDINGS:
-        return Role("embed")
+        return Role("embed", matmul=name == UNEMBEDDING)
     if name.endswith(".bias"):
         return Role("bias")
     if name == "bigram":

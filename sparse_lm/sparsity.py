@@ -4,7 +4,7 @@ After every optimizer step each sparse parameter keeps exactly k = floor(density
 |w| over the whole tensor and the rest are set to zero. Neurons are protected: every MLP neuron and every
 attention q/k/v/output channel keeps its j largest entries in each matrix that touches it; those count inside k.
 
-Tie rule (everywhere): among equal |w|, the entry with the lower flat (row-major) index is kept.
+Tie rule (the projection, its protected entries and the radix-select kernel): among equal |w|, the entry with the lower flat (row-major) index is kept.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from sparse_lm.config import SparsityConfig
+from sparse_lm.config import SparsityConfig, check_ranges
 from sparse_lm.errors import UserError
 from sparse_lm.roles import role
 from sparse_lm.schedule import density_at
@@ -123,11 +123,8 @@ class Sparsifier:
 
     def _check(self) -> None:
         c = self.cfg
-        for field in ("hidden_density", "embed_density", "bias_density"):
-            value = getattr(c, field)
-            if not 0 < value <= 1:
-                raise UserError(f"sparsity.{field}={value} must be in (0, 1]")
-        if not 0 <= c.anneal_start <= c.anneal_end <= 1:
+        check_ranges(c, "sparsity.")  # each field's range lives in the schema (sparse_lm/config.py)
+        if not c.anneal_start <= c.anneal_end:
             raise UserError(f"sparsity.anneal_start={c.anneal_start} and anneal_end={c.anneal_end} must satisfy 0 ≤ start ≤ end ≤ 1")
         # The j-rule must fit inside the final k of every matrix: fail now, not at the end of the anneal.
         for sp in self.params:

@@ -126,7 +126,8 @@ def setup(cfg: Config, run_dir: Path, hydra_files: dict[str, str] | None = None)
     never overwrites the record of the run already there.
     """
     dist = distributed.init(cfg.train.device)
-    keep_freed_memory()
+    if dist.device.type == "cpu":
+        keep_freed_memory()  # measured on CPU steps only (docs/benchmarks.md)
     if not dist.is_main:
         logging.getLogger().setLevel(logging.WARNING)
     batching = check_config(cfg, dist)
@@ -134,15 +135,16 @@ def setup(cfg: Config, run_dir: Path, hydra_files: dict[str, str] | None = None)
         Sparsifier(GPT(cfg.model), cfg.sparsity, cfg.train.max_steps)
     resume_from = find_resume(cfg, run_dir)
     notes = check_changes(cfg, resume_from) if resume_from is not None else []
-    if dist.is_main and hydra_files:
-        for name, text in hydra_files.items():
-            (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
-            write_text(run_dir / ".hydra" / name, text)
 
-    # The main process builds the token cache; the others wait, then read it.
+    # The main process builds the token cache; the others wait, then read it (or stop with it, if it failed).
+    failure = None
     if dist.is_main:
-        data = prepare(cfg.data)
-    distributed.barrier(dist)
+        try:
+            data = prepare(cfg.data)
+        except UserError as e:
+            failure = e
+    if distributed.any_rank(failure is not None, dist):  # also the barrier the others wait at
+        raise failure or UserError("preparing the token cache failed on the main process (its message says why)")
     if not dist.is_main:
         data = prepare(cfg.data)
     if data.meta["vocab_size"] > cfg.model.vocab_size:
@@ -151,6 +153,10 @@ def setup(cfg: Config, run_dir: Path, hydra_files: dict[str, str] | None = None)
     run.resume_notes = notes
     if resume_from is not None:
         restore(run, resume_from)
+    if dist.is_main and hydra_files:  # only now is the start accepted
+        for name, text in hydra_files.items():
+            (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
+            write_text(run_dir / ".hydra" / name, text)
     run.accel.after_step(run.sparsifier.plan(run.step))
     if cfg.train.compile:
         run.train_model = torch.compile(run.train_model)
@@ -160,7 +166,7 @@ def setup(cfg: Config, run_dir: Path, hydra_files: dict[str, str] | None = None)
 
 
 def build_run(cfg: Config, run_dir: Path, dist: distributed.Dist, data: TokenData, batching: tuple[int, int]) -> Run:
-    """Model, sparsifier, kernels and optimizer at step 0 (also used by kernels.bench on synthetic tokens)."""
+    """Model, sparsifier, kernels and optimizer at step 0 (also used by sparse_lm.bench)."""
     torch.manual_seed(cfg.train.seed)
     model = GPT(cfg.model).to(dist.device)
     sparsifier = Sparsifier(model, cfg.sparsity, cfg.train.max_steps)
@@ -244,7 +250,7 @@ def flops_per_token(run: Run, plan: Plan) -> tuple[float, float]:
     attn = 12 * run.cfg.model.n_layer * run.cfg.model.ctx_len * run.cfg.model.d_model
     dense, nnz = 0, 0
     for name, p in run.model.named_parameters():
-        if role(name).kind == "hidden" or name == "lm_head.weight":
+        if role(name).matmul:
             dense += p.numel()
             nnz += plan.k.get(name, p.numel())
     return 6 * dense + attn, 2 * dense + 4 * nnz + attn
@@ -297,9 +303,10 @@ def log_step(run: Run, logger: RunLogger, meter: Throughput, loss: torch.Tensor,
            "grad_norm": stats["grad_norm"].item(), "tokens": n * run.tokens_per_step}
     scalars = {"train/loss": loss_value, "lr": stats["lr"], "grad_norm": row["grad_norm"], "tokens_per_sec": tps}
     if run.dist.is_main:
-        # The projection keeps exactly k (inspect checks it), so the plan's k is the count: no host sync.
-        for sp in run.sparsifier.params:
-            scalars[f"density/{sp.name}"] = plan.k[sp.name] / sp.param.numel()
+        # What the weights hold (a sparse bias may hold fewer than its k), counted with one host sync.
+        counts = torch.stack([(sp.param != 0).sum() for sp in run.sparsifier.params]).tolist() if run.sparsifier.params else []
+        for sp, count in zip(run.sparsifier.params, counts):
+            scalars[f"density/{sp.name}"] = count / sp.param.numel()
         peak = peak_flops(run.dist.device)
         if peak:
             dense, effective = flops_per_token(run, plan)

@@ -237,3 +237,22 @@ def test_calibration_does_not_depend_on_a_common_offset():
     losses = [side_losses(delta + c, *calibrate(delta + c)).mean().item() for c in (0.0, 3.0, 10.0)]
     assert losses[0] < 0.02 and max(losses) - min(losses) < 1e-3
 
+
+
+def test_only_an_earlier_prunes_own_files_count_as_its_results(tmp_path):
+    from sparse_lm.prune import earlier_results, publish
+
+    (tmp_path / "curves.png").write_bytes(b"x")  # a run directory's own files are not a prune's results
+    assert earlier_results(tmp_path) == []
+    (tmp_path / "summary.json").write_text("{}")  # results written before run.json listed its files
+    (tmp_path / "random_init").mkdir()
+    (tmp_path / "random_init" / "bracket_counting.png").write_bytes(b"x")
+    assert sorted(earlier_results(tmp_path)) == ["random_init/bracket_counting.png", "summary.json"]
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    (staging / "run.json").write_text(json.dumps({"files": ["run.json", "summary.json"]}))
+    (staging / "summary.json").write_text('{"new": 1}')
+    publish(staging, tmp_path, earlier_results(tmp_path))
+    assert json.loads((tmp_path / "summary.json").read_text()) == {"new": 1} and (tmp_path / "curves.png").exists()
+    assert not (tmp_path / "random_init" / "bracket_counting.png").exists()  # the earlier result it replaces is gone
+    assert earlier_results(tmp_path) == ["run.json", "summary.json"]  # now listed by the manifest

@@ -42,7 +42,18 @@ def test_every_group_option_composes_and_builds(override):
         model = GPT(cfg.model)
     Sparsifier(model, cfg.sparsity, cfg.train.max_steps)  # densities fit the j-rule for this model
     micro, accum = micro_batching(cfg, world=1)
-    assert micro * accum == cfg.train.batch_size
+    assert micro * accum == cfg.train.batch_size and micro * cfg.model.ctx_len <= cfg.train.micro_batch_tokens
+
+
+def test_auto_micro_batches_keep_the_global_batch_and_explicit_ones_must_divide_it():
+    tiny, paper = compose_train(), compose_train("preset=paper")
+    assert micro_batching(tiny, 1) == (32, 1) and micro_batching(tiny, 2) == (16, 1)  # 4096 tokens fit 16,384
+    assert micro_batching(paper, 1) == (64, 8) and micro_batching(paper, 8) == (64, 1)  # 64 x 256 = 16,384 tokens
+    assert micro_batching(compose_train("train.batch_size=30", "train.micro_batch_tokens=2048"), 1) == (15, 2)
+    with pytest.raises(UserError, match="train.batch_size=32 must be a multiple of train.micro_batch_size=5"):
+        micro_batching(compose_train("train.micro_batch_size=5"), 1)
+    with pytest.raises(UserError, match="multiple of the number of processes"):
+        micro_batching(tiny, 3)
 
 
 def test_presets_hold_the_reference_values():
@@ -117,11 +128,31 @@ def test_the_schema_defaults_are_the_paper_preset():
     ("train.micro_batch_size=0", "train.micro_batch_size=0 must be auto or an integer"),
     ("train.micro_batch_size=big", "train.micro_batch_size='big' must be auto or an integer"),
     ("train.eval_sequences=0", "train.eval_sequences=0 is out of range"),
+    ("optim.eps=inf", "optim.eps=inf is out of range"),
+    ("model.init_std=nan", "model.init_std=nan is out of range"),
 ])
 def test_numeric_fields_outside_their_range_are_refused_by_name(override, message):
     with pytest.raises(UserError) as e:
         compose_train(override)
     assert message in str(e.value)
+
+
+def test_every_numeric_field_of_every_schema_has_a_range():
+    from dataclasses import fields, is_dataclass
+
+    missing = []
+    for schema in (Config, SampleConfig, BenchConfig, PruneConfig, InspectConfig):
+        stack = [(schema, schema.__name__)]
+        while stack:
+            cls, prefix = stack.pop()
+            for f in fields(cls):
+                default = f.default_factory() if callable(f.default_factory) else f.default
+                if is_dataclass(default):
+                    stack.append((type(default), f"{prefix}.{f.name}"))
+                elif "int" in str(f.type) or "float" in str(f.type):
+                    if "range" not in f.metadata and f.name != "micro_batch_size":  # auto or int: checked on its own
+                        missing.append(f"{prefix}.{f.name}")
+    assert missing == []
 
 
 @pytest.mark.parametrize("schema, field, value", [

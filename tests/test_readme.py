@@ -72,7 +72,6 @@ def readme_commands() -> list[tuple[str, list[str]]]:
 
 def test_every_readme_command_is_run_here_or_has_a_reason():
     commands = [key for key, _ in readme_commands()]
-    assert len(commands) >= 20
     assert set(commands) == set(COMMANDS), {"new in README": set(commands) - set(COMMANDS), "gone": set(COMMANDS) - set(commands)}
 
 
@@ -107,8 +106,10 @@ def test_readme_commands_run_as_printed(tmp_path, cache_dir):
     assert "2 process(es)" in (runs / "tiny-ddp" / "train.log").read_text()
     assert "every parameter matches its schedule" in out["python -m sparse_lm.inspect runs/tiny"]
     assert "----- sample 2 (seed 0) -----" in out[next(c for c in out if "num_samples=3" in c)]
-    assert "no circuit: no score" in out["python -m sparse_lm.prune checkpoint=runs/tiny tasks=all"] or "geometric mean" in out[
-        "python -m sparse_lm.prune checkpoint=runs/tiny tasks=all"]
+    import json
+
+    summary = json.loads((runs / "tiny" / "circuits" / "step-000004" / "summary.json").read_text())
+    assert len(summary["tasks"]) + len(summary["unusable_with_tokenizer"]) == 13  # all 13 tasks, each listed
     assert (runs / "tiny" / "circuits" / "control" / "random_init" / "summary.json").is_file()
     assert "max_steps" in out["python train.py --cfg job"]
     if not has_baseline:

@@ -1,4 +1,4 @@
-"""Benchmarks, run as `python -m sparse_lm.bench mode=<ops|train|versus>` (fields: BenchConfig in sparse_lm/config.py).
+"""Benchmarks, run as `python -m sparse_lm.bench mode=<ops|train|versus|profile>` (fields: BenchConfig in sparse_lm/config.py).
 
 - ops:    each sparse op (SpMM, selection, AbsTopK) against its references on the same inputs (ops.py);
 - train:  whole training steps, one run per `kernels` setting, in one process (train.py);

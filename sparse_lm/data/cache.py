@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from sparse_lm.config import DataConfig, Source
+from sparse_lm.config import DataConfig, Source, check_ranges
 from sparse_lm.data import sources
 from sparse_lm.data.tokenizer import EOT, file_hash, train_tokenizer
 from sparse_lm.errors import UserError
@@ -56,10 +56,7 @@ def default_cache_dir() -> Path:
 
 def prepare(cfg: DataConfig) -> TokenData:
     """Return the tokenized corpus for `cfg`, building and caching it on first use."""
-    if cfg.vocab_size > 2**16:
-        raise UserError(f"data.vocab_size={cfg.vocab_size} does not fit the uint16 token cache (max 65536)")
-    if not 0 <= cfg.val_fraction < 1:
-        raise UserError(f"data.val_fraction={cfg.val_fraction} must be in [0, 1)")
+    check_ranges(cfg, "data.")  # e.g. vocab_size ≤ 65536 for the uint16 cache; ranges live in the schema
     local = sources.list_local(cfg) if cfg.source != Source.hf else None
     corpus_hash = sources.local_fingerprint(local) if local else sources.hf_fingerprint(cfg)
     settings = {"v": FORMAT_VERSION, "vocab": cfg.vocab_size, "val": cfg.val_fraction, "tok_bytes": cfg.tokenizer_sample_bytes}
