@@ -253,6 +253,7 @@ class BenchConfig:
     versus_chunk: int = ranged(10, 1)  # steps each side takes per turn
     versus_noise_steps: int = ranged(100, 1)  # steps of the 1-ulp fp32-noise yardstick
     versus_check_every: int = ranged(25, 1)  # compare the projection's survivors with the baseline's every this many steps
+    versus_processes: bool = True  # each side in a process of its own (malloc's state is per process); false: all in this one
     # mode=profile: per-op CPU time of training steps (this checkout, and `baseline` unless it is HEAD)
     profile_step: int = ranged(400, 0)  # the schedule position profiled (the tiny preset's final density)
     profile_steps: int = ranged(5, 1)

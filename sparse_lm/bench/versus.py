@@ -1,9 +1,10 @@
 """`python -m sparse_lm.bench mode=versus baseline=<git revision>`: this checkout's training against another revision's.
 
 The baseline's `sparse_lm` package and `conf/` are taken from git (`git archive`) into a temporary directory and
-imported under another name, so both implementations run in one process on one machine. Each composes its own
-default config (plus `versus_overrides`), builds its model from the same seed on the same token cache, and they
-take optimizer steps in turn, `versus_chunk` steps at a time, over the whole schedule (or `versus_steps`). Reported:
+imported under another name. Each side composes its own default config (plus `versus_overrides`), builds its model
+from the same seed on the same token cache (the initial weights are compared), and the sides take optimizer steps in
+turn, `versus_chunk` steps at a time, over the whole schedule (or `versus_steps`), so they share the machine's
+conditions. Reported:
 
 - tokens/s of each, over all steps and per phase (dense, anneal, final density), and their ratio;
 - the largest per-step loss difference, next to a yardstick for fp32 noise: the baseline against itself with every
@@ -11,14 +12,20 @@ take optimizer steps in turn, `versus_chunk` steps at a time, over the whole sch
 - whether the projection keeps the same entries: every `versus_check_every` steps this checkout's projection is
   compared with the baseline's projection function on the same pre-projection weights (time not counted).
 
-glibc's malloc settings are process-wide, so the baseline's turns run with malloc's default behaviour restored
-(a dynamic mmap threshold, which settles at 32 MB) and this checkout's with its own (sparse_lm.hostmem). A third
-run, the baseline with this checkout's malloc settings, shows how much of the gain the allocator alone gives.
+glibc's malloc state belongs to a process and depends on its history, which one process cannot give two sides
+faithfully: with `versus_processes=true` (default) each side runs in a process of its own (the baseline with malloc's
+own behaviour, this checkout with its settings, sparse_lm.hostmem), driven in turns from this one; with false, all
+sides share this process and the baseline's turns emulate malloc's default (thresholds at 32 MB / 64 MB, where its
+dynamic ones settle at most). A third side, the baseline with this checkout's malloc settings, shows how much of the
+gain the allocator alone gives.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib
+import multiprocessing as mp
 import json
 import re
 import subprocess
@@ -94,6 +101,58 @@ class Side:
             self.seconds.append(spent)
 
 
+def state_hash(side: Side) -> str:
+    """A digest of the model's initial weights, to check that every side starts from the same ones."""
+    h = hashlib.sha256()
+    for t in side.run.model.state_dict().values():
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def serve(conn, rev: str, which: str, overrides: list[str], malloc: str, check_every: int | None, perturb: bool) -> None:
+    """A side in a process of its own: build it, then take the steps asked for until told to stop."""
+    if malloc == "keep":
+        set_malloc(*KEEP)
+    baseline_pkg, baseline_conf = import_revision(rev)
+    package, conf = (sparse_lm, REPO / "conf") if which == "this" else (baseline_pkg, baseline_conf)
+    side = Side(which, package, conf, overrides, None)
+    if perturb:
+        perturbed_by_one_ulp(side)
+    survivors, excluded = [], []
+    if check_every:
+        check_survivors(side, baseline_pkg, check_every, survivors, excluded)
+    conn.send({"init": state_hash(side), "tokens_per_step": side.run.tokens_per_step, "max_steps": side.cfg.train.max_steps,
+               "anneal": (side.cfg.sparsity.anneal_start, side.cfg.sparsity.anneal_end)})
+    while (n := conn.recv()) is not None:
+        checked = len(survivors)
+        side.steps(n, excluded)
+        conn.send({"losses": side.losses[-n:], "seconds": side.seconds[-n:], "survivors": survivors[checked:]})
+
+
+class RemoteSide:
+    """The interface of a Side, for one running in its own process."""
+
+    def __init__(self, rev: str, which: str, overrides: list[str], malloc: str, check_every: int | None = None,
+                 perturb: bool = False):
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=serve, args=(child, rev, which, overrides, malloc, check_every, perturb), daemon=True)
+        self.proc.start()
+        self.info = self.conn.recv()
+        self.losses, self.seconds, self.survivors = [], [], []
+
+    def steps(self, n: int) -> None:
+        self.conn.send(n)
+        reply = self.conn.recv()
+        self.losses += reply["losses"]
+        self.seconds += reply["seconds"]
+        self.survivors += reply["survivors"]
+
+    def close(self) -> None:
+        self.conn.send(None)
+        self.proc.join(timeout=60)
+
+
 def check_survivors(side: Side, baseline_pkg, every: int, record: list[dict], excluded: list[float]) -> None:
     """Wrap this checkout's projection: every `every` steps, compare it with the baseline's on the same weights."""
     sparsifier = side.run.sparsifier
@@ -125,19 +184,19 @@ def perturbed_by_one_ulp(side: Side) -> None:
             p.copy_(torch.nextafter(p, torch.full_like(p, float("inf"))))
 
 
-def phases(cfg, steps: int) -> dict[str, range]:
-    s = cfg.sparsity
-    start, end = round(s.anneal_start * cfg.train.max_steps), round(s.anneal_end * cfg.train.max_steps)
+def phases(max_steps: int, anneal: tuple[float, float], steps: int) -> dict[str, range]:
+    start, end = round(anneal[0] * max_steps), round(anneal[1] * max_steps)
     return {"dense": range(0, min(start, steps)), "anneal": range(min(start, steps), min(end, steps)), "final": range(min(end, steps), steps)}
 
 
-def tokens_per_sec(side: Side, steps: range) -> float | None:
+def tokens_per_sec(side, tokens_per_step: int, steps: range) -> float | None:
     if not len(steps):
         return None
-    return len(steps) * side.run.tokens_per_step / sum(side.seconds[i] for i in steps)
+    return len(steps) * tokens_per_step / sum(side.seconds[i] for i in steps)
 
 
-def run_versus(bench: BenchConfig, out_dir: Path) -> dict:
+def local_sides(bench: BenchConfig) -> tuple[dict, object]:
+    """The three sides in this process (malloc emulated per turn), and a maker of the fp32-noise yardstick."""
     baseline_pkg, baseline_conf = import_revision(bench.baseline)
     sides = {
         "baseline": Side("baseline", baseline_pkg, baseline_conf, bench.versus_overrides, GLIBC_DEFAULT),
@@ -145,18 +204,42 @@ def run_versus(bench: BenchConfig, out_dir: Path) -> dict:
         "this checkout": Side("this", sparse_lm, REPO / "conf", bench.versus_overrides, KEEP),
     }
     this = sides["this checkout"]
-    steps = bench.versus_steps or this.cfg.train.max_steps
-    survivors, excluded = [], []
-    check_survivors(this, baseline_pkg, bench.versus_check_every, survivors, excluded)
-    same_init = all(torch.equal(a, b) for a, b in zip(sides["baseline"].run.model.state_dict().values(),
-                                                      this.run.model.state_dict().values()))
+    this.survivors, excluded = [], []
+    check_survivors(this, baseline_pkg, bench.versus_check_every, this.survivors, excluded)
+    this.steps = functools.partial(Side.steps, this, excluded=excluded)
+    for side in sides.values():
+        side.info = {"init": state_hash(side), "tokens_per_step": side.run.tokens_per_step, "max_steps": side.cfg.train.max_steps,
+                     "anneal": (side.cfg.sparsity.anneal_start, side.cfg.sparsity.anneal_end)}
+
+    def yardstick():
+        side = Side("ulp", baseline_pkg, baseline_conf, bench.versus_overrides, KEEP)
+        perturbed_by_one_ulp(side)
+        return side
+
+    return sides, yardstick
+
+
+def remote_sides(bench: BenchConfig) -> tuple[dict, object]:
+    """The three sides, each in a process of its own."""
+    rev, ov = bench.baseline, bench.versus_overrides
+    sides = {"baseline": RemoteSide(rev, "baseline", ov, "default"), "baseline+malloc": RemoteSide(rev, "baseline", ov, "keep"),
+             "this checkout": RemoteSide(rev, "this", ov, "keep", check_every=bench.versus_check_every)}
+    return sides, lambda: RemoteSide(rev, "baseline", ov, "keep", perturb=True)
+
+
+def run_versus(bench: BenchConfig, out_dir: Path) -> dict:
+    sides, make_yardstick = remote_sides(bench) if bench.versus_processes else local_sides(bench)
+    this = sides["this checkout"]
+    steps = bench.versus_steps or this.info["max_steps"]
+    same_init = len({side.info["init"] for side in sides.values()}) == 1
     print(f"[{time.strftime('%H:%M:%S')}] baseline {bench.baseline} vs this checkout: {steps} steps each, in turns of "
-          f"{bench.versus_chunk}; same initial weights: {same_init}", flush=True)
+          f"{bench.versus_chunk}, {'a process each' if bench.versus_processes else 'in one process'}; same initial weights: {same_init}",
+          flush=True)
     done = 0
     while done < steps:
         n = min(bench.versus_chunk, steps - done)
         for side in sides.values():
-            side.steps(n, excluded if side is this else None)
+            side.steps(n)
         done += n
         last = {k: f"{s.losses[-1]:.4f}" for k, s in sides.items()}
         recent = {k: sum(s.seconds[-n:]) / n * 1e3 for k, s in sides.items()}
@@ -164,23 +247,27 @@ def run_versus(bench: BenchConfig, out_dir: Path) -> dict:
               + ", ".join(f"{k} {v:.0f}" for k, v in recent.items()), flush=True)
 
     noise_steps = min(bench.versus_noise_steps, steps)
-    yardstick = Side("ulp", baseline_pkg, baseline_conf, bench.versus_overrides, KEEP)
-    perturbed_by_one_ulp(yardstick)
+    yardstick = make_yardstick()
     yardstick.steps(noise_steps)
+    for side in (*sides.values(), yardstick):
+        if isinstance(side, RemoteSide):
+            side.close()
 
-    base, result = sides["baseline"], {"baseline": bench.baseline, "steps": steps, "overrides": bench.versus_overrides,
-                                       "same_initial_weights": same_init, "sides": {}}
+    base = sides["baseline"]
+    result = {"baseline": bench.baseline, "steps": steps, "overrides": bench.versus_overrides, "processes": bench.versus_processes,
+              "same_initial_weights": same_init, "sides": {}}
+    tps = this.info["tokens_per_step"]
     for label, side in sides.items():
-        row = {"tokens_per_sec": tokens_per_sec(side, range(steps)),
-               "phases": {p: tokens_per_sec(side, r) for p, r in phases(this.cfg, steps).items()},
+        row = {"tokens_per_sec": tokens_per_sec(side, tps, range(steps)),
+               "phases": {p: tokens_per_sec(side, tps, r) for p, r in phases(this.info["max_steps"], this.info["anneal"], steps).items()},
                "losses": side.losses}
-        row["speedup"] = row["tokens_per_sec"] / tokens_per_sec(base, range(steps))
+        row["speedup"] = row["tokens_per_sec"] / tokens_per_sec(base, tps, range(steps))
         row["max_abs_loss_diff"] = max(abs(a - b) for a, b in zip(side.losses, base.losses))
         row["max_abs_loss_diff_first"] = max(abs(a - b) for a, b in zip(side.losses[:noise_steps], base.losses[:noise_steps]))
         result["sides"][label] = row
     result["noise_yardstick"] = {"steps": noise_steps, "losses": yardstick.losses, "max_abs_loss_diff": max(
         abs(a - b) for a, b in zip(yardstick.losses, base.losses[:noise_steps]))}
-    result["survivor_checks"] = survivors
+    result["survivor_checks"] = this.survivors
     result["environment"] = {"cpu_threads": torch.get_num_threads(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M")}
     write_report(result, out_dir)
     return result
