@@ -27,9 +27,9 @@ log = logging.getLogger("sparse_lm")
 
 
 class Accelerator:
-    def __init__(self, layers: list, sparsifier: Sparsifier, cfg: KernelsConfig, dtype: torch.dtype, crossovers: dict):
+    def __init__(self, layers: list, cfg: KernelsConfig, dtype: torch.dtype, crossovers: dict):
         self.layers: list[tuple[SparseParam, nn.Module]] = layers
-        self.sparsifier, self.cfg, self.dtype, self.crossovers = sparsifier, cfg, dtype, crossovers
+        self.cfg, self.dtype, self.crossovers = cfg, dtype, crossovers
         self.on_gpu = any(sp.param.is_cuda for sp, _ in layers)  # `auto` stays dense on the CPU
 
     def mode(self, sp: SparseParam, plan: Plan) -> str:
@@ -81,7 +81,7 @@ def install(model: nn.Module, sparsifier: Sparsifier, cfg: KernelsConfig, dtype:
     if cfg.backend == Backend.auto and cfg.calibrate and torch.cuda.is_available() and layers:
         shapes = sorted({tuple(sp.param.shape) for sp, _ in layers})
         crossovers = calibrated_crossovers(shapes, tokens, dtype)
-    return Accelerator(layers, sparsifier, cfg, dtype, crossovers)
+    return Accelerator(layers, cfg, dtype, crossovers)
 
 
 def calibrated_crossovers(shapes: list[tuple[int, int]], tokens: int, dtype: torch.dtype) -> dict:

@@ -202,9 +202,13 @@ def earlier_results(out: Path) -> list[str]:
     return [f"{d}{n}" for d in ("", "random_init/") for n in names if (out / d / n).is_file()]
 
 
+def files_under(directory: Path) -> list[str]:
+    return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file())
+
+
 def publish(staging: Path, out: Path, replaced: list[str]) -> None:
     """Move an invocation's finished files from `staging` into `out`, then drop the earlier files it replaces."""
-    written = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
+    written = files_under(staging)
     for name in written:
         (out / name).parent.mkdir(parents=True, exist_ok=True)
         os.replace(staging / name, out / name)
@@ -230,8 +234,7 @@ def run(cfg: PruneConfig) -> dict:
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         result = prune_all(model, tokenizer, mcfg, state, ckpt, tasks, cfg, staging)
-        files = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
-        write_json(staging / "run.json", {**result, "files": files + ["run.json"],
+        write_json(staging / "run.json", {**result, "files": files_under(staging) + ["run.json"],
                                           "config": OmegaConf.to_container(OmegaConf.structured(cfg))})
         publish(staging, out, earlier)
     finally:

@@ -154,8 +154,8 @@ def setup(cfg: Config, run_dir: Path, hydra_files: dict[str, str] | None = None)
     if resume_from is not None:
         restore(run, resume_from)
     if dist.is_main and hydra_files:  # only now is the start accepted
+        (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
         for name, text in hydra_files.items():
-            (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
             write_text(run_dir / ".hydra" / name, text)
     run.accel.after_step(run.sparsifier.plan(run.step))
     if cfg.train.compile:
