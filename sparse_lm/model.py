@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sparse_lm.attention import attention_with_sink
 from sparse_lm.config import Activation, ModelConfig, Norm, PosEmb
 from sparse_lm.errors import UserError
 from sparse_lm.roles import RESIDUAL, SITES, role, site_name, writes_residual
@@ -102,20 +103,6 @@ class Attention(nn.Module):
             y = attention_with_sink(q, k, v, self.sink)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.d_head)
         return self.sites["out"](self.c_proj(y))
-
-
-def attention_with_sink(q, k, v, sink):
-    """Causal softmax attention with one extra zero key/value slot per head, scored by `sink`.
-
-    The slot is prepended as key/value position 0; an additive float mask gives it the logit sink[h] (q·0 = 0)
-    and applies the causal mask to the real positions. Gradients reach `sink` through the mask.
-    """
-    B, H, T, D = q.shape
-    zero = q.new_zeros(B, H, 1, D)
-    k, v = torch.cat([zero, k], dim=2), torch.cat([zero, v], dim=2)
-    causal = torch.full((T, T), float("-inf"), device=q.device).triu(1)
-    mask = torch.cat([sink.view(H, 1, 1).expand(H, T, 1), causal.expand(H, T, T)], dim=-1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype))
 
 
 class MLP(nn.Module):

@@ -5,7 +5,8 @@ import torch
 
 from sparse_lm.config import Activation, ModelConfig, Norm, PosEmb
 from sparse_lm.hooks import mean_ablate, patch, record
-from sparse_lm.model import GPT, abstopk, attention_with_sink
+from sparse_lm.attention import SinkAttention, attention_with_sink, masked_sdpa
+from sparse_lm.model import GPT, abstopk
 
 CFG = dict(vocab_size=97, ctx_len=24, n_layer=3, d_model=64, d_mlp=128)
 
@@ -76,17 +77,34 @@ def test_causal_shapes_and_loss(opts):
     assert not torch.allclose(logits[:, 15:], logits2[:, 15:])
 
 
-def test_attention_sink_adds_exp_sink_to_the_softmax_denominator():
+@pytest.mark.parametrize("impl", [masked_sdpa, SinkAttention.apply], ids=["masked_sdpa", "SinkAttention"])
+def test_attention_sink_adds_exp_sink_to_the_softmax_denominator(impl):
     B, H, T, D = 2, 4, 6, 16
-    q, k, v = (torch.randn(B, H, T, D) for _ in range(3))
+    q, k, v = (torch.randn(B, H, T, D, requires_grad=True) for _ in range(3))
     sink = torch.randn(H, requires_grad=True)
     scores = (q @ k.transpose(-1, -2)) / math.sqrt(D)
     scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
     weights = scores.exp() / (scores.exp().sum(-1, keepdim=True) + sink.exp().view(1, H, 1, 1))
-    out = attention_with_sink(q, k, v, sink)
-    assert torch.allclose(out, weights @ v, atol=1e-5)
-    out.sum().backward()
-    assert sink.grad is not None and sink.grad.abs().sum() > 0
+    expected = weights @ v
+    out = impl(q, k, v, sink)
+    assert torch.allclose(out, expected, atol=1e-5)
+    grad = torch.randn(B, H, T, D)
+    for got, want in zip(torch.autograd.grad(out, (q, k, v, sink), grad), torch.autograd.grad(expected, (q, k, v, sink), grad)):
+        assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_cpu_sink_attention_matches_the_fused_path_on_the_models_layout():
+    # The model hands heads over as transposed views of one projection; both paths must agree there, forward
+    # bit for bit (the same softmax), gradients to fp32 rounding.
+    B, T, H, D = 3, 20, 4, 16
+    qkv = torch.randn(B, T, 3 * H * D, requires_grad=True)
+    sink = torch.randn(H, requires_grad=True)
+    q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
+    grad = torch.randn(B, H, T, D)
+    ref, mine = masked_sdpa(q, k, v, sink), attention_with_sink(q, k, v, sink)
+    assert torch.equal(ref, mine)
+    for a, b in zip(torch.autograd.grad(ref, (qkv, sink), grad), torch.autograd.grad(mine, (qkv, sink), grad)):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_init_follows_spec():
