@@ -154,6 +154,25 @@ class OptimConfig:
     grad_eps: float = ranged(1e-5, **POSITIVE)
 
 
+class Calibration(Enum):
+    """How a candidate circuit's held-out task loss is judged against the target (docs/method.md §5)."""
+
+    raw = "raw"  # the logits as they are (the paper's order: calibrate once, after the search)
+    fixed = "fixed"  # one logit scale and shift, fitted on the full model, applied to every candidate
+    per_candidate = "per_candidate"  # refitted for every candidate: lenient (random-init models pass with it)
+
+
+class Ablation(Enum):
+    """What a pruned node's activation becomes."""
+
+    mean = "mean"  # its mean over pretraining data
+    zero = "zero"
+    resample = "resample"  # its value at the same position of another pretraining context
+
+
+CONTROLS = ("random_init", "redrawn", "nonsense", "ablations", "frozen_norms")
+
+
 class ResumeChanges(Enum):
     refuse = "refuse"  # a resume whose trajectory-defining settings differ from the checkpoint's stops at once
     allow = "allow"  # continue with the new settings; the change is logged
@@ -290,7 +309,14 @@ class PruneConfig:
     mean_sequences: int = ranged(64, 1)  # pretraining sequences the ablation means are taken over
     seed: int = ranged(0, 0)
     device: str = "cpu"
-    random_init: bool = False  # also prune a random-init model of the same shape and sparsity (control)
+    calibration: Calibration = Calibration.raw  # how candidates (and the full model) are judged: raw | fixed | per_candidate
+    ablation: Ablation = Ablation.mean  # mean | zero | resample
+    frozen_norms: bool = False  # norms of the pruned forward use the unpruned forward's scales on the same input
+    # The faithfulness battery: all, or a list of CONTROLS. random_init / redrawn: the same search on a random-init
+    # model / on the trained sparsity pattern with its values shuffled; nonsense: the task with coin-flip labels;
+    # ablations: the search again under the other ablation modes; frozen_norms: the circuit re-checked with frozen norms.
+    controls: Any = field(default_factory=list)
+    seeds: int = ranged(1, 1)  # mask seeds (seed, seed + 1, ...): spread of the edge count, overlap of the node sets
     check: bool = True  # necessity: ablate the circuit from the full model, which should then fail
     edges: EdgeConventions = field(default_factory=EdgeConventions)
 

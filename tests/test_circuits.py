@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from sparse_lm.circuits.edges import circuit_edges, count_by_kind
-from sparse_lm.circuits.nodes import NodeSpace, ablated
-from sparse_lm.circuits.pruning import smallest_passing, straight_through
+from sparse_lm.circuits.nodes import Ablation, NodeSpace, ablated
+from sparse_lm.circuits.pruning import site_means, smallest_passing, straight_through
+from sparse_lm.circuits.search import find_circuit
 from sparse_lm.config import Activation, DataConfig, EdgeConventions, ModelConfig, PruneConfig
 from sparse_lm.hooks import record
 from sparse_lm.model import GPT
-from sparse_lm.prune import find_circuit, site_means
-from sparse_lm.tasks import NAMES, TASKS, TaskData, TaskTokenError, _pool, build, generate
+from sparse_lm.circuits.tasks import NAMES, TASKS, TaskData, TaskTokenError, _pool, build, generate
 
 # ---------------------------------------------------------------- a model with a planted circuit
 
@@ -41,12 +41,14 @@ def planted_model() -> GPT:
         # scale), a real second path that a calibrated readout can pick up.
         model.wte.weight[B, 2:6] = model.wte.weight[A, 2:6]
         model.wte.weight[A, R_IN], model.wte.weight[B, R_IN] = 1.0, -1.0
+        model.wte.weight[:, R_OUT] = -1.0  # the answer channel starts below zero: b unless the neuron fires
         fc, proj = model.blocks[0].mlp.c_fc.weight, model.blocks[0].mlp.c_proj.weight
         fc[NEURON, R_IN], proj[R_OUT, NEURON] = 1.0, 10.0
         fc[1, R_IN], proj[6, 1] = -1.0, 0.5
         fc[2, 2], proj[7, 2] = 1.0, 0.5
         fc[3, 3], proj[8, 3] = 1.0, 0.5
-        model.lm_head.weight[a, R_OUT], model.lm_head.weight[b, R_OUT] = 1.0, -1.0
+        # Large enough that the raw logits decide (raw loss well under the target): no calibration needed.
+        model.lm_head.weight[a, R_OUT], model.lm_head.weight[b, R_OUT] = 8.0, -8.0
     return model.eval().requires_grad_(False)
 
 
@@ -63,15 +65,15 @@ def test_pruning_recovers_exactly_the_planted_circuit_and_its_edges():
     pretraining = torch.randint(0, 6, (64, 8), generator=torch.Generator().manual_seed(1))
     means = site_means(model, space.sites, pretraining)
     cfg = PruneConfig(checkpoint="-", steps=300, n_calib=64, batch_pairs=16, seed=0)
-    res = find_circuit(model, means, planted_task(256, 2), planted_task(100, 3), cfg, log=lambda _: None)
-    assert res["solved"] and res["circuit"]["loss"] <= 0.15
-    assert res["kept"] == {"0.mlp.in": [R_IN], "0.mlp.neuron": [NEURON], "0.mlp.out": [R_OUT]}
-    assert res["nodes"] == 3 and res["necessary"]  # the full model without these three fails
+    res = find_circuit(model, Ablation("mean", means), planted_task(256, 2), planted_task(100, 3), cfg, log=lambda _: None)
+    assert res.solved and res.circuit.loss <= 0.15 and res.circuit.loss == res.circuit.raw_loss  # judged raw by default
+    assert res.kept == {"0.mlp.in": [R_IN], "0.mlp.neuron": [NEURON], "0.mlp.out": [R_OUT]}
+    assert res.nodes == 3 and res.without.loss > 0.15  # the full model without these three fails
     weights = model.state_dict()
-    edges = circuit_edges(weights, 1, 16, res["kept"], [2, 3, 4, 5, A, B], (a, b), EdgeConventions())
+    edges = circuit_edges(weights, 1, 16, res.kept, [2, 3, 4, 5, A, B], (a, b), EdgeConventions())
     assert count_by_kind(edges) == {"mlp.in": 1, "mlp.out": 1, "embedding": 2, "unembedding": 2, "total": 6}
     bare = EdgeConventions(qk_pairs=False, embedding=False, unembedding=False, residual=True)
-    assert count_by_kind(circuit_edges(weights, 1, 16, res["kept"], [A, B], (a, b), bare)) == {"mlp.in": 1, "mlp.out": 1, "total": 2}
+    assert count_by_kind(circuit_edges(weights, 1, 16, res.kept, [A, B], (a, b), bare)) == {"mlp.in": 1, "mlp.out": 1, "total": 2}
 
 
 # ---------------------------------------------------------------- the pieces on their own
@@ -96,7 +98,7 @@ def test_mean_ablation_replaces_exactly_the_dropped_channels():
     keep[neuron_offset + 2] = 0
     with record(model, ["0.mlp.neuron"]) as clean:
         model(idx)
-    with ablated(model, space, keep, means), record(model, ["0.mlp.neuron"]) as acts:
+    with ablated(model, space, keep, Ablation("mean", means)), record(model, ["0.mlp.neuron"]) as acts:
         model(idx)
     got, ref = acts["0.mlp.neuron"], clean["0.mlp.neuron"]
     assert (got[..., 2] == 102).all()
@@ -179,19 +181,21 @@ def test_prune_command_writes_circuits_pictures_and_a_summary(tiny_run, tmp_path
 
     out = tmp_path / "circuits"
     cmd = [sys.executable, "-m", "sparse_lm.prune", str(tiny_run), "tasks=[dict_or_list_literal,single_double_quote]",
-           f"out_dir={out}", "steps=20", "n_train=64", "n_test=32", "n_calib=32", "target=0.7", "random_init=true"]
+           f"out_dir={out}", "steps=20", "n_train=64", "n_test=32", "n_calib=32", "target=0.7", "controls=[random_init]"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "[trained model 1/2] dict_or_list_literal" in proc.stdout and "geometric mean" in proc.stdout
+    assert "[1/2] dict_or_list_literal" in proc.stdout and "control random_init:" in proc.stdout and "geometric mean" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert [t["task"] for t in summary["tasks"]] == ["dict_or_list_literal", "single_double_quote"]
-    for task in summary["solved"]:
+    for task in summary["with_circuit"]:
         res = json.loads((out / f"{task}.json").read_text())
-        assert res["edges"]["total"] == len(res["edge_list"]) and res["nodes"] == sum(len(v) for v in res["kept"].values())
+        c = res["circuit"]
+        assert c["edges"]["total"] == len(res["edge_list"]) and c["nodes"] == sum(len(v) for v in c["kept"].values())
+        assert set(res["controls"]) == {"random_init"}
         assert (out / f"{task}.png").stat().st_size > 5_000
         page = (out / f"{task}.html").read_text()
         assert "<svg" in page and "http" not in page.replace("http://www.w3.org/2000/svg", "")  # self-contained
-    assert json.loads((out / "random_init" / "summary.json").read_text())["label"] == "random-init control"
+    assert all(set(t["controls"]) == {"random_init"} for t in summary["tasks"])
     assert (tiny_run / "checkpoints" / "step-000040" / "site_means-64.pt").exists()  # cached for the next run
 
     # Another invocation never replaces these results silently: it is refused before any work, in one line.
@@ -202,7 +206,7 @@ def test_prune_command_writes_circuits_pictures_and_a_summary(tiny_run, tmp_path
     assert (out / "summary.json").read_text() == before
     replaced = subprocess.run(cmd[:4] + [f"out_dir={out}", "tasks=[]", "overwrite=true"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert replaced.returncode == 0 and json.loads((out / "summary.json").read_text())["tasks"] == []
-    assert not (out / "dict_or_list_literal.json").exists() and not list((out / "random_init").glob("*.json"))
+    assert not (out / "dict_or_list_literal.json").exists() and not (out / "single_double_quote.json").exists()
     zero = subprocess.run(cmd[:4] + [f"out_dir={tmp_path / 'other'}", "n_test=0"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert zero.returncode == 1 and "n_test=0 is out of range" in zero.stderr and "unusable" not in zero.stdout
 
@@ -214,7 +218,7 @@ def test_mask_training_is_deterministic_given_a_seed():
     space = NodeSpace.of(model)
     means = site_means(model, space.sites, torch.randint(0, 6, (16, 8), generator=torch.Generator().manual_seed(1)))
     task = planted_task(64, 2)
-    runs = [train_masks(model, space, means, task, PruneConfig(checkpoint="-", steps=15, seed=s)) for s in (4, 4, 5)]
+    runs = [train_masks(model, space, Ablation("mean", means), task, PruneConfig(checkpoint="-", steps=15), s) for s in (4, 4, 5)]
     assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
 
 
@@ -240,7 +244,7 @@ def test_calibration_does_not_depend_on_a_common_offset():
 
 
 def test_only_an_earlier_prunes_own_files_count_as_its_results(tmp_path):
-    from sparse_lm.prune import earlier_results, publish
+    from sparse_lm.circuits.report import earlier_results, publish
 
     (tmp_path / "curves.png").write_bytes(b"x")  # a run directory's own files are not a prune's results
     assert earlier_results(tmp_path) == []
@@ -256,3 +260,129 @@ def test_only_an_earlier_prunes_own_files_count_as_its_results(tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text()) == {"new": 1} and (tmp_path / "curves.png").exists()
     assert not (tmp_path / "random_init" / "bracket_counting.png").exists()  # the earlier result it replaces is gone
     assert earlier_results(tmp_path) == ["run.json", "summary.json"]  # now listed by the manifest
+
+
+# ---------------------------------------------------------------- the faithfulness battery
+
+
+def planted_subject(model, label="trained model"):
+    from sparse_lm.circuits.battery import Subject
+
+    space = NodeSpace.of(model)
+    source = torch.randint(0, 6, (64, 8), generator=torch.Generator().manual_seed(1))
+    means = site_means(model, space.sites, source)
+    return Subject(label, model, Ablation("mean", means, source), means, source)
+
+
+def battery(model, subjects, **overrides):
+    from sparse_lm.circuits.battery import run_task
+
+    cfg = PruneConfig(checkpoint="-", steps=300, n_calib=64, batch_pairs=16, seed=0, **overrides)
+    return run_task(planted_subject(model), subjects, planted_task(256, 2), planted_task(100, 3), cfg, log=lambda _: None)
+
+
+def random_planted_shape(seed: int) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(planted_model().cfg).eval().requires_grad_(False)
+
+
+def test_the_planted_circuit_is_trusted_and_every_control_fails():
+    from sparse_lm.circuits.controls import redrawn_model
+
+    model = planted_model()
+    controls = {"random_init": planted_subject(random_planted_shape(0), "random_init"),
+                "redrawn": planted_subject(redrawn_model(model, 0), "redrawn")}
+    res = battery(model, controls, controls="all")
+    redrawn = controls["redrawn"].model
+    for (name, p), q in zip(model.named_parameters(), redrawn.parameters()):  # the same mask, other values
+        assert torch.equal(p != 0, q != 0), name
+    assert not torch.equal(model.blocks[0].mlp.c_fc.weight, redrawn.blocks[0].mlp.c_fc.weight)
+    assert res.circuit.kept == {"0.mlp.in": [R_IN], "0.mlp.neuron": [NEURON], "0.mlp.out": [R_OUT]}
+    assert res.checks == {"sufficiency": True, "necessity": True, "frozen_norms": True}
+    assert set(res.controls) == {"random_init", "redrawn", "nonsense"} and not any(c.passed for c in res.controls.values())
+    assert res.trusted and res.why == []
+    assert set(res.ablations) == {"zero", "resample"}
+
+
+def test_a_random_weight_model_yields_no_trusted_circuit():
+    res = battery(random_planted_shape(1), {}, controls=["nonsense"])
+    assert not res.trusted and res.why
+
+
+def test_the_whole_planted_model_fails_the_nonsense_task():
+    from sparse_lm.circuits.controls import nonsense
+    from sparse_lm.circuits.pruning import Judge
+    from sparse_lm.config import Calibration
+
+    model = planted_model()
+    subject = planted_subject(model)
+    space = NodeSpace.of(model)
+    task, calib = planted_task(100, 3), planted_task(64, 2)
+    for mode in Calibration:
+        real = Judge(model, space, subject.how, calib, task, mode)(torch.ones(space.total))
+        fake = Judge(model, space, subject.how, nonsense(calib, 0), nonsense(task, 1), mode)(torch.ones(space.total))
+        assert real.loss < 0.15 < fake.loss, mode
+    flipped = nonsense(task, 1)
+    assert torch.equal(flipped.tokens.sort(0).values, task.tokens.sort(0).values)  # the same contexts, relabelled
+    assert 0.3 < (flipped.tokens[:100] != task.tokens[:100]).any(1).float().mean() < 0.7
+
+
+def test_ablation_modes_replace_dropped_channels_as_documented():
+    model = planted_model()
+    space = NodeSpace.of(model)
+    idx = planted_task(4, 0).tokens
+    site = "0.mlp.neuron"
+    keep = torch.ones(space.total)
+    offset = sum(space.dims[: space.sites.index(site)])
+    keep[offset + 2] = 0
+    means = {s: torch.full((d,), 7.0) for s, d in zip(space.sites, space.dims)}
+    source = torch.randint(0, 6, (3, 8), generator=torch.Generator().manual_seed(5))
+    with record(model, [site]) as clean_src:
+        model(source)
+    for mode, expected in (("mean", lambda got: (got == 7).all()), ("zero", lambda got: (got == 0).all()),
+                           ("resample", lambda got: any(torch.equal(got[r], clean_src[site][j, :6, 2]) for r in range(len(got)) for j in range(3)))):
+        with ablated(model, space, keep, Ablation(mode, means, source)), record(model, [site]) as acts:
+            model(idx)
+        got = acts[site][..., 2]
+        assert expected(got), mode
+        assert not torch.equal(got, torch.zeros_like(got)) or mode == "zero"
+    # resampled rows are whole contexts from the source, at the same positions
+    with ablated(model, space, keep, Ablation("resample", means, source)), record(model, [site]) as acts:
+        model(idx)
+    for r in range(idx.shape[0]):
+        assert any(torch.equal(acts[site][r, :, 2], clean_src[site][j, :6, 2]) for j in range(3))
+
+
+def test_frozen_norms_divide_by_the_whole_models_scale_on_the_same_input():
+    model = planted_model()
+    space = NodeSpace.of(model)
+    idx = planted_task(4, 0).tokens
+    means = {s: torch.zeros(d) for s, d in zip(space.sites, space.dims)}
+    keep = torch.ones(space.total)
+    # Drop the answer-writing channel: the final norm's input shrinks, which a live norm would partly undo.
+    out_offset = sum(space.dims[: space.sites.index("0.mlp.out")])
+    keep[out_offset + R_OUT] = 0
+    inputs = []  # what reaches the final norm, in call order
+    hook = model.norm_f.register_forward_pre_hook(lambda m, args: inputs.append(args[0]))
+    try:
+        model(idx)  # the whole model: its scale
+        with ablated(model, space, keep, Ablation("mean", means, frozen_norms=True)):
+            frozen, _ = model(idx)  # a clean pass on the same input (its scales), then the pruned one
+        with ablated(model, space, keep, Ablation("mean", means)):
+            live, _ = model(idx)
+    finally:
+        hook.remove()
+    x_whole, x_clean, x_frozen, x_live = inputs
+    assert torch.equal(x_clean, x_whole) and torch.equal(x_frozen, x_live)  # the same pruned input to the norm ...
+    scale = torch.rsqrt(x_whole.pow(2).mean(-1, keepdim=True) + 1e-6)
+    expected = model.lm_head(x_frozen * scale * model.norm_f.weight)
+    assert torch.allclose(frozen, expected, atol=1e-5)  # ... divided by the whole model's scale
+    assert not torch.allclose(frozen, live, atol=1e-3)  # where a live norm rescales it
+
+
+def test_seeds_are_deterministic_and_reported_with_their_overlap():
+    runs = [battery(planted_model(), {}, seeds=3) for _ in range(2)]
+    assert [c.kept for c in runs[0].seeds] == [c.kept for c in runs[1].seeds] and len(runs[0].seeds) == 3
+    assert [c.seed for c in runs[0].seeds] == [0, 1, 2]
+    spread = runs[0].seed_spread
+    assert spread == runs[1].seed_spread and spread["seeds"] == 3 and 0 <= spread["mean_jaccard"] <= 1

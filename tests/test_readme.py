@@ -38,7 +38,8 @@ COMMANDS: dict[str, list[str] | str] = {
     "python -m sparse_lm.bench mode=train": BENCH_SMALL,
     "python -m sparse_lm.bench mode=versus baseline=3f6f79b": VERSUS_SMALL,
     "python -m sparse_lm.prune checkpoint=runs/tiny tasks=all": [],
-    "python -m sparse_lm.prune runs/tiny tasks=[bracket_counting] random_init=true out_dir=runs/tiny/circuits/control": PRUNE_SMALL,
+    "python -m sparse_lm.prune runs/tiny tasks=[bracket_counting] controls=[random_init] out_dir=runs/tiny/circuits/control": PRUNE_SMALL,
+    "python -m sparse_lm.prune runs/tiny tasks=[dict_key_quote] controls=all seeds=3 out_dir=runs/tiny/circuits/battery": PRUNE_SMALL,
     "python train.py train.max_steps=1000 optim.lr=0.02 name=tiny-long": SMALL,
     "python train.py preset=paper train.micro_batch_size=16 name=paper-mb16": PAPER_SMALL,
     "python train.py sparsity=dense name=tiny-dense": SMALL,
@@ -110,7 +111,9 @@ def test_readme_commands_run_as_printed(tmp_path, cache_dir):
 
     summary = json.loads((runs / "tiny" / "circuits" / "step-000004" / "summary.json").read_text())
     assert len(summary["tasks"]) + len(summary["unusable_with_tokenizer"]) == 13  # all 13 tasks, each listed
-    assert (runs / "tiny" / "circuits" / "control" / "random_init" / "summary.json").is_file()
+    control = json.loads((runs / "tiny" / "circuits" / "control" / "summary.json").read_text())
+    assert [t["task"] for t in control["tasks"]] == ["bracket_counting"]
+    assert (runs / "tiny" / "circuits" / "battery" / "dict_key_quote.json").is_file()
     assert "max_steps" in out["python train.py --cfg job"]
     if not has_baseline:
         pytest.skip("git history without 3f6f79b (a shallow clone): the versus command was not run")

@@ -4,24 +4,27 @@
 2. Mask training: one real τ per node, clamped to [−1, 1]. The forward pass keeps a node when τ ≥ 0 (a hard
    step); the backward pass uses the sigmoid's derivative instead (straight-through). The objective is the
    task loss plus λ·(number of kept nodes).
-3. Bisection: nodes ordered by τ, find the smallest number kept whose held-out task loss is at most the target.
-   Each candidate's loss is measured after a logit scale and shift fitted on training pairs (LBFGS).
+3. Bisection: nodes ordered by τ, find the smallest number kept whose held-out task loss is at most the target,
+   judged as PruneConfig.calibration says (`Judge`): on the raw logits (default, the paper's order), after one
+   logit scale and shift fitted on the full model, or after a scale and shift refitted for every candidate.
+   The circuit found gets its own fit (on training pairs) once, and both losses are reported.
 
 Task loss: cross-entropy restricted to the two answer tokens, per side (the mean over A and B contexts).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from sparse_lm.circuits.nodes import NodeSpace, ablated
-from sparse_lm.config import PruneConfig
+from sparse_lm.circuits.nodes import Ablation, NodeSpace, ablated
+from sparse_lm.config import Calibration, PruneConfig
 from sparse_lm.hooks import record
 from sparse_lm.model import GPT
-from sparse_lm.tasks import TaskData
+from sparse_lm.circuits.tasks import TaskData
 
 
 @torch.no_grad()
@@ -88,17 +91,17 @@ def straight_through(tau: torch.Tensor) -> torch.Tensor:
     return (tau >= 0).to(tau.dtype) + soft - soft.detach()
 
 
-def train_masks(model: GPT, space: NodeSpace, means: dict, train: TaskData, cfg: PruneConfig,
+def train_masks(model: GPT, space: NodeSpace, how: Ablation, train: TaskData, cfg: PruneConfig, seed: int,
                 progress: Callable[[int, float, int], None] | None = None) -> torch.Tensor:
     """τ for every node after `cfg.steps` steps of AdamW on task loss + λ·kept (model weights frozen)."""
-    g = torch.Generator().manual_seed(cfg.seed)
+    g = torch.Generator().manual_seed(seed)
     tau = (cfg.tau_init + 0.01 * torch.randn(space.total, generator=g)).to(model.lm_head.weight.device).requires_grad_(True)
     opt = torch.optim.AdamW([tau], lr=cfg.lr, weight_decay=cfg.weight_decay)
     for step in range(cfg.steps):
         pick = torch.randint(train.n_pairs, (cfg.batch_pairs,), generator=g)  # on the CPU: same picks on any device
         batch = train.select(pick)
         keep = straight_through(tau)
-        with ablated(model, space, keep, means):
+        with ablated(model, space, keep, how):
             task = side_losses(logit_diff(model, batch)).mean()
         loss = task + cfg.lam * keep.sum()
         opt.zero_grad(set_to_none=True)
@@ -117,14 +120,49 @@ def keep_top(order: torch.Tensor, n: int, total: int) -> torch.Tensor:
     return keep
 
 
+@dataclass
+class Evaluation:
+    """Held-out task loss per side of a set of kept nodes."""
+
+    loss: float  # as the Judge scores it against the target
+    raw_loss: float  # the logits as they are
+    accuracy: float  # held-out contexts whose raw logit difference prefers the right answer
+    calibrated_loss: float | None = None  # after a logit scale and shift fitted on training pairs for these nodes
+    scale: float | None = None
+    shift: float | None = None
+
+
 @torch.no_grad()
-def evaluate(model: GPT, space: NodeSpace, means: dict, keep: torch.Tensor, calib: TaskData, test: TaskData) -> dict:
-    """Held-out task loss per side with `keep`, raw and after a logit calibration fitted on `calib`."""
-    with ablated(model, space, keep, means):
-        scale, shift = calibrate(logit_diff(model, calib))
-        delta = logit_diff(model, test)
-    return {"loss": side_losses(delta, scale, shift).mean().item(), "raw_loss": side_losses(delta).mean().item(),
-            "scale": scale, "shift": shift, "accuracy": (side_losses(delta, scale, shift) < 0.6931).float().mean().item()}
+def logit_diffs(model: GPT, space: NodeSpace, how: Ablation, keep: torch.Tensor, data: TaskData) -> torch.Tensor:
+    with ablated(model, space, keep, how):
+        return logit_diff(model, data)
+
+
+class Judge:
+    """Scores kept-node sets on held-out pairs as PruneConfig.calibration says (docs/method.md §5).
+
+    The full model is judged the same way as the candidates: under `raw` it solves a task when its raw held-out
+    loss reaches the target; under `fixed` and `per_candidate`, after a scale and shift fitted on it.
+    """
+
+    def __init__(self, model: GPT, space: NodeSpace, how: Ablation, calib: TaskData, test: TaskData, mode: Calibration):
+        self.model, self.space, self.how, self.calib, self.test, self.mode = model, space, how, calib, test, mode
+        self.fixed = (1.0, 0.0)
+        if mode == Calibration.fixed:
+            self.fixed = calibrate(logit_diffs(model, space, how, torch.ones(space.total), calib))
+
+    def __call__(self, keep: torch.Tensor, fit: bool = False) -> Evaluation:
+        """Evaluate `keep`; with `fit`, also fit this set's own scale and shift and report the calibrated loss."""
+        delta = logit_diffs(self.model, self.space, self.how, keep, self.test)
+        own = calibrate(logit_diffs(self.model, self.space, self.how, keep, self.calib)) if fit or self.mode == Calibration.per_candidate else None
+        scale, shift = own if self.mode == Calibration.per_candidate else self.fixed
+        n = len(delta) // 2
+        right = torch.cat([delta[:n] > 0, delta[n:] < 0]).float().mean().item()
+        ev = Evaluation(loss=side_losses(delta, scale, shift).mean().item(), raw_loss=side_losses(delta).mean().item(), accuracy=right)
+        if own is not None:
+            ev.scale, ev.shift = own
+            ev.calibrated_loss = side_losses(delta, *own).mean().item()
+        return ev
 
 
 def smallest_passing(passes: Callable[[int], bool], total: int, hint: int | None = None, whole_passes: bool = True) -> int | None:

@@ -1,0 +1,157 @@
+"""A task's circuit and the faithfulness battery around it (docs/method.md §5): compute only, no files.
+
+For each task: the trained model's circuit (mask seed `cfg.seed`, `cfg.ablation`), its own checks, and every control
+asked for. A circuit is **trusted** only if it passes its own checks and no control reaches the target:
+
+  checks    sufficiency (the circuit alone reaches the target on held-out pairs), necessity (the whole model
+            without it fails), frozen_norms (it still reaches the target with every norm frozen to the whole
+            model's scale on the same input)
+  controls  random_init and redrawn (the same search on a model that knows nothing: must find no circuit),
+            nonsense (the task with coin-flip labels: the whole model and every circuit must fail it)
+  variants  ablations (the search again under the other ablation modes) and seeds (the search again with other
+            mask seeds): sizes and overlaps reported, not pass/fail
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from sparse_lm.circuits.controls import nonsense
+from sparse_lm.circuits.edges import Edge, circuit_edges, count_by_kind
+from sparse_lm.circuits.nodes import Ablation, NodeSpace
+from sparse_lm.circuits.pruning import Judge
+from sparse_lm.circuits.search import Circuit, find_circuit
+from sparse_lm.circuits.tasks import TaskData
+from sparse_lm.config import Ablation as AblationMode
+from sparse_lm.config import CONTROLS, PruneConfig
+from sparse_lm.errors import UserError
+from sparse_lm.model import GPT
+
+
+@dataclass
+class Subject:
+    """A model the battery searches, with how its pruned nodes are ablated (its own means)."""
+
+    label: str  # "trained model", "random_init", "redrawn"
+    model: GPT
+    how: Ablation
+    means: dict[str, torch.Tensor]
+    source: torch.Tensor  # pretraining token ids (resample ablation)
+
+    def ablation(self, mode: str, frozen_norms: bool, seed: int) -> Ablation:
+        return Ablation(mode, self.means, self.source, frozen_norms, seed)
+
+
+@dataclass
+class Control:
+    name: str
+    passed: bool  # the control reached the target: the real circuit is not trusted
+    circuit: Circuit | None = None
+    note: str = ""
+
+
+@dataclass
+class TaskResult:
+    task: str
+    answers: tuple[str, str]
+    circuit: Circuit  # the trained model's
+    edge_list: list[Edge] = field(default_factory=list)
+    checks: dict[str, bool] = field(default_factory=dict)
+    controls: dict[str, Control] = field(default_factory=dict)
+    ablations: dict[str, Circuit] = field(default_factory=dict)  # the other ablation modes
+    seeds: list[Circuit] = field(default_factory=list)  # every mask seed, the main one first
+    trusted: bool = False
+    why: list[str] = field(default_factory=list)  # what keeps it from being trusted
+    seconds: float = 0.0
+
+    @property
+    def seed_spread(self) -> dict | None:
+        found = [c for c in self.seeds if c.found]
+        if len(self.seeds) < 2:
+            return None
+        edges = [c.edges["total"] for c in found]
+        sets = [{(s, i) for s, ch in c.kept.items() for i in ch} for c in found]
+        pairs = [len(a & b) / len(a | b) for i, a in enumerate(sets) for b in sets[i + 1:] if a | b]
+        return {"seeds": len(self.seeds), "found": len(found), "edges": edges,
+                "median_edges": statistics.median(edges) if edges else None,
+                "min_edges": min(edges) if edges else None, "max_edges": max(edges) if edges else None,
+                "mean_jaccard": sum(pairs) / len(pairs) if pairs else None}
+
+
+def controls_asked(cfg: PruneConfig) -> set[str]:
+    asked = set(CONTROLS) if cfg.controls == "all" else ({cfg.controls} if isinstance(cfg.controls, str) else set(cfg.controls))
+    unknown = asked - set(CONTROLS)
+    if unknown:
+        raise UserError(f"controls: unknown {sorted(unknown)}; choose all or a list from {list(CONTROLS)}")
+    return asked
+
+
+def with_edges(circuit: Circuit, model: GPT, train: TaskData, test: TaskData, cfg: PruneConfig, token_text) -> list[Edge]:
+    if not circuit.found:
+        return []
+    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    edges = circuit_edges(weights, model.cfg.n_layer, model.cfg.d_head, circuit.kept, test.token_ids(), train.answers, cfg.edges,
+                          token_text=token_text)
+    circuit.edges = count_by_kind(edges)
+    return edges
+
+
+def run_task(trained: Subject, controls: dict[str, Subject], train: TaskData, test: TaskData, cfg: PruneConfig,
+             token_text=str, log=print) -> TaskResult:
+    t0 = time.time()
+    asked = controls_asked(cfg)
+    mode = cfg.ablation.value
+
+    def search(subject: Subject, tr: TaskData, te: TaskData, seed: int, ablation: str = mode, control: bool = False,
+               edges: list | None = None) -> Circuit:
+        c = find_circuit(subject.model, subject.ablation(ablation, cfg.frozen_norms, seed), tr, te, cfg, seed, control, log)
+        found = with_edges(c, subject.model, tr, te, cfg, token_text)
+        if edges is not None:
+            edges.extend(found)
+        return c
+
+    log(f"  {trained.label}:")
+    edge_list: list[Edge] = []
+    main = search(trained, train, test, cfg.seed, edges=edge_list)
+    res = TaskResult(train.name, train.answer_text, main, edge_list)
+    if main.found:
+        res.checks["sufficiency"] = main.circuit.loss <= cfg.target
+        if main.without is not None:
+            res.checks["necessity"] = main.without.loss > cfg.target
+        if "frozen_norms" in asked and not cfg.frozen_norms:
+            space = NodeSpace.of(trained.model)
+            judge = Judge(trained.model, space, trained.ablation(mode, True, cfg.seed), train.subset(cfg.n_calib), test, cfg.calibration)
+            keep = space.flat(main.kept)
+            res.checks["frozen_norms"] = judge(keep).loss <= cfg.target
+    # Variants only where there is a circuit to vary; controls always (they tell whether the judging can be fooled).
+    res.seeds = [main] + [search(trained, train, test, cfg.seed + i) for i in range(1, cfg.seeds if main.found else 1)]
+    if "ablations" in asked and main.found:
+        for other in AblationMode:
+            if other.value != mode:
+                log(f"  {trained.label}, {other.value} ablation:")
+                res.ablations[other.value] = search(trained, train, test, cfg.seed, other.value)
+    for name, subject in controls.items():
+        log(f"  control {name}:")
+        c = search(subject, train, test, cfg.seed, control=True)
+        res.controls[name] = Control(name, c.found or c.solved, c, "reached the target" if c.found or c.solved else "")
+    if "nonsense" in asked:
+        log("  control nonsense (coin-flip labels):")
+        c = search(trained, nonsense(train, cfg.seed), nonsense(test, cfg.seed + 1), cfg.seed, control=True)
+        res.controls["nonsense"] = Control("nonsense", c.found or c.solved, c, "the whole model reaches the target" if c.solved else
+                                           ("a circuit reaches the target" if c.found else ""))
+    res.why = ([] if main.solved else ["the whole model does not reach the target"]) + \
+              ([] if main.found or not main.solved else ["no circuit reaches the target"]) + \
+              [f"fails {k}" for k, ok in res.checks.items() if not ok] + \
+              [f"control {k} reaches the target" for k, c in res.controls.items() if c.passed]
+    res.trusted = main.found and not res.why
+    res.seconds = round(time.time() - t0, 1)
+    return res
+
+
+def geometric_mean(values: list[int]) -> float | None:
+    return math.exp(sum(math.log(max(v, 1)) for v in values) / len(values)) if values else None

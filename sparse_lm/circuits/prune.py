@@ -1,0 +1,139 @@
+"""`python -m sparse_lm.prune`: a checkpoint's circuits for a list of tasks, with the battery asked for.
+
+    run(cfg)  → checks the output directory, loads the model, computes (`prune_all`), writes (`report`), publishes
+
+Results are written aside and moved into the output directory only once complete, so a failure leaves an earlier
+invocation's files intact, and an earlier invocation's results are never replaced without `overwrite=true`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from sparse_lm import checkpoint
+from sparse_lm.circuits import report
+from sparse_lm.circuits.battery import Subject, TaskResult, controls_asked, run_task
+from sparse_lm.circuits.controls import random_init_model, redrawn_model
+from sparse_lm.circuits.nodes import Ablation, NodeSpace
+from sparse_lm.circuits.pruning import site_means
+from sparse_lm.circuits.tasks import TASKS, TaskTokenError, build
+from sparse_lm.cli import load_model
+from sparse_lm.config import PruneConfig
+from sparse_lm.errors import UserError
+from sparse_lm.fsutil import atomic_file, write_json
+from sparse_lm.model import GPT
+
+
+@dataclass
+class Results:
+    checkpoint: str
+    step: int
+    tasks: list[TaskResult] = field(default_factory=list)
+    unusable: dict[str, str] = field(default_factory=dict)  # task -> why this tokenizer cannot pose it
+    seconds: float = 0.0
+
+
+def task_list(spec) -> list[str]:
+    names = list(TASKS) if spec == "all" else ([spec] if isinstance(spec, str) else list(spec))
+    unknown = [t for t in names if t not in TASKS]
+    if unknown:
+        raise UserError(f"tasks: unknown {unknown}; choose all or from {list(TASKS)}")
+    return names
+
+
+def pretraining_tokens(mcfg, n: int) -> torch.Tensor:
+    """The first n training sequences of the checkpoint's data [n, ctx_len]: ablation means and resampling."""
+    from sparse_lm.data.cache import prepare
+
+    data = prepare(mcfg.data)
+    T = mcfg.model.ctx_len
+    n = min(n, (len(data.train) - 1) // T)
+    return torch.from_numpy(np.asarray(data.train[: n * T], dtype=np.int64)).view(n, T)
+
+
+def cached_means(model: GPT, tokens: torch.Tensor, path: Path | None) -> dict:
+    """Site means over `tokens`, cached at `path` (beside the checkpoint) when given."""
+    if path is not None and path.exists():
+        return torch.load(path, map_location="cpu", weights_only=True)
+    means = {site: m.cpu() for site, m in site_means(model, NodeSpace.of(model).sites, tokens).items()}
+    if path is not None:
+        with atomic_file(path) as tmp:  # a crash never leaves a half-written cache
+            torch.save(means, tmp)
+    return means
+
+
+def subject(label: str, model: GPT, tokens: torch.Tensor, cfg: PruneConfig, cache: Path | None = None) -> Subject:
+    means = cached_means(model, tokens, cache)
+    return Subject(label, model, Ablation(cfg.ablation.value, means, tokens, cfg.frozen_norms, cfg.seed), means, tokens)
+
+
+def prune_all(model: GPT, tokenizer, mcfg, state: dict, ckpt: Path, tasks: list[str], cfg: PruneConfig, log=print) -> Results:
+    """Every task's circuit and battery on the checkpoint's model (typed results; nothing written)."""
+    t0 = time.time()
+    asked = controls_asked(cfg)
+    tokens = pretraining_tokens(mcfg, cfg.mean_sequences)
+    trained = subject("trained model", model, tokens, cfg, ckpt / f"site_means-{cfg.mean_sequences}.pt")
+    controls = {}
+    if "random_init" in asked:
+        controls["random_init"] = subject("random_init", random_init_model(mcfg, state["step"], cfg.seed, cfg.device), tokens, cfg)
+    if "redrawn" in asked:
+        controls["redrawn"] = subject("redrawn", redrawn_model(model, cfg.seed), tokens, cfg)
+    results = Results(str(ckpt), state["step"])
+    for i, task in enumerate(tasks, 1):
+        log(f"[{i}/{len(tasks)}] {task}")
+        try:
+            train = build(task, tokenizer, "train", cfg.n_train, cfg.seed)
+            test = build(task, tokenizer, "test", cfg.n_test, cfg.seed)
+            if test.answers != train.answers:
+                raise TaskTokenError(f"{task}: the train and test splits tokenize the answers differently "
+                                     f"({train.answer_text} vs {test.answer_text})")
+        except TaskTokenError as e:
+            log(f"  skipped: {e}")
+            results.unusable[task] = str(e)
+            continue
+        res = run_task(trained, controls, train, test, cfg, token_text=lambda t: tokenizer.decode([t]), log=log)
+        log("  " + report.task_line(res, cfg))
+        results.tasks.append(res)
+    results.seconds = round(time.time() - t0, 1)
+    return results
+
+
+def output_dir(cfg: PruneConfig, ckpt: Path) -> Path:
+    in_run = ckpt.parent.name == "checkpoints"  # <run>/checkpoints/step-N, or a checkpoint directory on its own
+    return Path(cfg.out_dir) if cfg.out_dir else (ckpt.parent.parent / "circuits" / ckpt.name if in_run else ckpt / "circuits")
+
+
+def run(cfg: PruneConfig) -> Results:
+    torch.manual_seed(cfg.seed)
+    tasks = task_list(cfg.tasks)
+    controls_asked(cfg)
+    ckpt = checkpoint.resolve(cfg.checkpoint)
+    out = output_dir(cfg, ckpt)
+    earlier = report.earlier_results(out)
+    if earlier and not cfg.overwrite:  # refused before any work
+        shown = ", ".join(earlier[:3]) + (f" and {len(earlier) - 3} more" if len(earlier) > 3 else "")
+        raise UserError(f"out_dir {out} already holds the results of an earlier prune ({shown}); keep them by choosing another "
+                        f"out_dir=..., or replace them with overwrite=true")
+    model, tokenizer, mcfg, state = load_model(ckpt, cfg.device)
+    model.requires_grad_(False)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        results = prune_all(model, tokenizer, mcfg, state, ckpt, tasks, cfg)
+        report.write(results, model, cfg, staging)
+        write_json(staging / "run.json", {"checkpoint": results.checkpoint, "step": results.step, "seconds": results.seconds,
+                                          "files": report.files_under(staging) + ["run.json"],
+                                          "config": OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)})
+        report.publish(staging, out, earlier)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(f"wrote {out} in {results.seconds:.0f}s")
+    return results
