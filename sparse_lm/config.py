@@ -317,6 +317,7 @@ class PruneConfig:
     # ablations: the search again under the other ablation modes; frozen_norms: the circuit re-checked with frozen norms.
     controls: Any = field(default_factory=list)
     seeds: int = ranged(1, 1)  # mask seeds (seed, seed + 1, ...): spread of the edge count, overlap of the node sets
+    node_effects: int = ranged(400, 0)  # circuits up to this many nodes get each node's ablation effect (HTML page)
     check: bool = True  # necessity: ablate the circuit from the full model, which should then fail
     edges: EdgeConventions = field(default_factory=EdgeConventions)
 

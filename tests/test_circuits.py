@@ -1,6 +1,7 @@
 """Circuit pruning (docs/method.md §5): tasks, straight-through masks, mean ablation, bisection, edges, and a planted circuit."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -52,11 +53,13 @@ def planted_model() -> GPT:
     return model.eval().requires_grad_(False)
 
 
-def planted_task(n: int, seed: int) -> TaskData:
+def planted_task(n: int, seed: int, prefix: int = 5) -> TaskData:
+    """A or B after `prefix` noise tokens (another length: another template family)."""
     g = torch.Generator().manual_seed(seed)
-    prefix = torch.randint(2, 6, (n, 5), generator=g)
+    length = prefix + 1
+    prefix = torch.randint(2, 6, (n, prefix), generator=g)
     tokens = torch.cat([torch.cat([prefix, torch.full((n, 1), A)], 1), torch.cat([prefix, torch.full((n, 1), B)], 1)])
-    return TaskData("planted", (a, b), ("a", "b"), tokens, torch.full((2 * n,), 6))
+    return TaskData("planted", (a, b), ("a", "b"), tokens, torch.full((2 * n,), length))
 
 
 def test_pruning_recovers_exactly_the_planted_circuit_and_its_edges():
@@ -142,22 +145,42 @@ def stdlib_tokenizer(cache_dir):
 
 
 def test_every_task_poses_single_token_answers_with_the_default_tokenizer(stdlib_tokenizer):
-    assert len(TASKS) >= 12
+    assert len(TASKS) == 20 and all(len(families) >= 3 for families in TASKS.values())
     for task in TASKS:
-        train, test = build(task, stdlib_tokenizer, "train", 1000), build(task, stdlib_tokenizer, "test", 200)
-        assert train.n_pairs == 1000 and test.n_pairs == 200, task
-        assert train.answers == test.answers and train.answers[0] != train.answers[1]
-        # the two sides of a pair share their last token: the answer is not readable off it alone
-        n = train.n_pairs
-        last = train.tokens[torch.arange(2 * n), train.lengths - 1]
-        assert torch.equal(last[:n], last[n:]), task
+        splits = [build(task, stdlib_tokenizer, split, n) for split, n in (("train", 1000), ("test", 200), ("unseen", 200))]
+        assert [d.n_pairs for d in splits] == [1000, 200, 200], task
+        assert len({d.answers for d in splits}) == 1 and splits[0].answers[0] != splits[0].answers[1], task
+        for d in splits:  # the two sides of a pair share their last token: the answer is not readable off it alone
+            n = d.n_pairs
+            last = d.tokens[torch.arange(2 * n), d.lengths - 1]
+            assert torch.equal(last[:n], last[n:]), task
+
+
+def test_a_task_longer_than_the_models_context_is_refused_naming_it(stdlib_tokenizer):
+    with pytest.raises(TaskTokenError, match=r"task first_arg_recall: its unseen contexts run to \d+ tokens.*model.ctx_len=20"):
+        build("first_arg_recall", stdlib_tokenizer, "unseen", 50, max_len=20)
+    assert build("first_arg_recall", stdlib_tokenizer, "unseen", 50, max_len=128).n_pairs == 50
+
+
+def test_the_unseen_family_is_used_by_the_unseen_split_only(monkeypatch):
+    import sparse_lm.circuits.tasks as tasks
+
+    def refuse(_f):
+        raise AssertionError("family used where it must not be")
+
+    for task, families in TASKS.items():
+        monkeypatch.setitem(tasks.TASKS, task, (*families[:-1], refuse))
+        assert len(generate(task, "train", 30)) == 30 and len(generate(task, "test", 30)) == 30
+        monkeypatch.setitem(tasks.TASKS, task, tuple(refuse for _ in families[:-1]) + (families[-1],))
+        assert len(generate(task, "unseen", 30)) == 30
+        monkeypatch.setitem(tasks.TASKS, task, families)
 
 
 def test_held_out_pairs_use_names_never_seen_in_training():
     train_names, test_names = set(_pool(NAMES, "train")), set(_pool(NAMES, "test"))
     assert not train_names & test_names
-    for task in ("set_or_string", "list_or_dict_use", "loop_unpacking"):
-        test_text = " ".join(ctx for pair in generate(task, "test", 200) for ctx, _ in pair)
+    for task, split in (("set_or_string", "test"), ("list_or_dict_use", "unseen"), ("loop_unpacking", "test"), ("loop_unpacking", "unseen")):
+        test_text = " ".join(ctx for pair in generate(task, split, 200) for ctx, _ in pair)
         words = set(test_text.replace("\n", " ").replace("(", " ").replace(")", " ").split())
         assert not (words & train_names), task
     assert generate("bracket_counting", "train", 50, seed=1) == generate("bracket_counting", "train", 50, seed=1)
@@ -196,7 +219,7 @@ def test_prune_command_writes_circuits_pictures_and_a_summary(tiny_run, tmp_path
         page = (out / f"{task}.html").read_text()
         assert "<svg" in page and "http" not in page.replace("http://www.w3.org/2000/svg", "")  # self-contained
     assert all(set(t["controls"]) == {"random_init"} for t in summary["tasks"])
-    assert (tiny_run / "checkpoints" / "step-000040" / "site_means-64.pt").exists()  # cached for the next run
+    assert (tiny_run / "checkpoints" / "step-000040" / "site_stats-64.pt").exists()  # cached for the next run
 
     # Another invocation never replaces these results silently: it is refused before any work, in one line.
     before = (out / "summary.json").read_text()
@@ -278,7 +301,8 @@ def battery(model, subjects, **overrides):
     from sparse_lm.circuits.battery import run_task
 
     cfg = PruneConfig(checkpoint="-", steps=300, n_calib=64, batch_pairs=16, seed=0, **overrides)
-    return run_task(planted_subject(model), subjects, planted_task(256, 2), planted_task(100, 3), cfg, log=lambda _: None)
+    return run_task(planted_subject(model), subjects, planted_task(256, 2), planted_task(100, 3), planted_task(100, 4, prefix=7), cfg,
+                    log=lambda _: None)
 
 
 def random_planted_shape(seed: int) -> GPT:
@@ -298,7 +322,7 @@ def test_the_planted_circuit_is_trusted_and_every_control_fails():
         assert torch.equal(p != 0, q != 0), name
     assert not torch.equal(model.blocks[0].mlp.c_fc.weight, redrawn.blocks[0].mlp.c_fc.weight)
     assert res.circuit.kept == {"0.mlp.in": [R_IN], "0.mlp.neuron": [NEURON], "0.mlp.out": [R_OUT]}
-    assert res.checks == {"sufficiency": True, "necessity": True, "frozen_norms": True}
+    assert res.checks == {"sufficiency": True, "unseen_family": True, "necessity": True, "frozen_norms": True}
     assert set(res.controls) == {"random_init", "redrawn", "nonsense"} and not any(c.passed for c in res.controls.values())
     assert res.trusted and res.why == []
     assert set(res.ablations) == {"zero", "resample"}
@@ -386,3 +410,48 @@ def test_seeds_are_deterministic_and_reported_with_their_overlap():
     assert [c.seed for c in runs[0].seeds] == [0, 1, 2]
     spread = runs[0].seed_spread
     assert spread == runs[1].seed_spread and spread["seeds"] == 3 and 0 <= spread["mean_jaccard"] <= 1
+
+
+# ---------------------------------------------------------------- the circuit page in a real browser
+
+
+def test_the_circuit_page_renders_in_one_screen_and_its_node_panel_opens(tmp_path):
+    import shutil
+    import subprocess
+
+    from sparse_lm.circuits import report
+    from sparse_lm.circuits.prune import Results
+    from sparse_lm.circuits.pruning import site_stats
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("no headless browser: install Debian's chromium (.ci/run does) to test the circuit pages")
+    model = planted_model()
+    res = battery(model, {})
+    source = planted_subject(model).source
+    results = Results("planted", 0, [res], stats=site_stats(model, NodeSpace.of(model).sites, source), tokens=source,
+                      decode=lambda t: f"<t{t}>")
+    report.write(results, model, PruneConfig(checkpoint="-"), tmp_path)
+    page = tmp_path / "planted.html"
+    node = "0.mlp.neuron[0]"
+    assert res.node_effects[node] > 0.15  # ablating the deciding neuron alone breaks the circuit
+
+    def chromium(*args):
+        proc = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1400,1000", *args],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stdout
+
+    shot = tmp_path / "shot.png"
+    chromium(f"--screenshot={shot}", page.as_uri())
+    assert shot.stat().st_size > 10_000  # it renders
+    dom = chromium("--dump-dom", "--virtual-time-budget=2000", page.as_uri() + "#node=" + node)
+    panel = dom[dom.index('<div id="panel"'):]
+    panel = panel[: panel.index("</div>")]
+    assert node in panel and "top-activating contexts" in panel and "<mark>" in panel and "loss change" in panel
+    assert "display: block" in panel  # the panel is open
+    heights = [float(h) for h in re.findall(r'<svg[^>]* height="([\d.]+)"', dom)]
+    ys = [float(y) for y in re.findall(r'<circle cx="[\d.]+" cy="([\d.]+)"', dom)]
+    assert heights and max(ys) < heights[0] and heights[0] + 40 < 1000  # every kept layer above the fold
+    rows = re.findall(r'text-anchor="end">([^<]+)</text>', dom)
+    assert rows == ["tokens", "embedding", "0.mlp.in", "0.mlp.neuron", "0.mlp.out", "unembedding", "answers"]  # no empty rows

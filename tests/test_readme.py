@@ -110,7 +110,7 @@ def test_readme_commands_run_as_printed(tmp_path, cache_dir):
     import json
 
     summary = json.loads((runs / "tiny" / "circuits" / "step-000004" / "summary.json").read_text())
-    assert len(summary["tasks"]) + len(summary["unusable_with_tokenizer"]) == 13  # all 13 tasks, each listed
+    assert len(summary["tasks"]) + len(summary["unusable_with_tokenizer"]) == 20  # all 20 tasks, each listed
     control = json.loads((runs / "tiny" / "circuits" / "control" / "summary.json").read_text())
     assert [t["task"] for t in control["tasks"]] == ["bracket_counting"]
     assert (runs / "tiny" / "circuits" / "battery" / "dict_key_quote.json").is_file()

@@ -24,7 +24,7 @@ import torch
 from sparse_lm.circuits.controls import nonsense
 from sparse_lm.circuits.edges import Edge, circuit_edges, count_by_kind
 from sparse_lm.circuits.nodes import Ablation, NodeSpace
-from sparse_lm.circuits.pruning import Judge
+from sparse_lm.circuits.pruning import Evaluation, Judge
 from sparse_lm.circuits.search import Circuit, find_circuit
 from sparse_lm.circuits.tasks import TaskData
 from sparse_lm.config import Ablation as AblationMode
@@ -61,10 +61,12 @@ class TaskResult:
     answers: tuple[str, str]
     circuit: Circuit  # the trained model's
     edge_list: list[Edge] = field(default_factory=list)
+    unseen: dict[str, Evaluation] = field(default_factory=dict)  # "whole" and "circuit" on the unseen family
     checks: dict[str, bool] = field(default_factory=dict)
     controls: dict[str, Control] = field(default_factory=dict)
     ablations: dict[str, Circuit] = field(default_factory=dict)  # the other ablation modes
     seeds: list[Circuit] = field(default_factory=list)  # every mask seed, the main one first
+    node_effects: dict[str, float] = field(default_factory=dict)  # "site[channel]" -> loss change when it alone is ablated
     trusted: bool = False
     why: list[str] = field(default_factory=list)  # what keeps it from being trusted
     seconds: float = 0.0
@@ -101,8 +103,9 @@ def with_edges(circuit: Circuit, model: GPT, train: TaskData, test: TaskData, cf
     return edges
 
 
-def run_task(trained: Subject, controls: dict[str, Subject], train: TaskData, test: TaskData, cfg: PruneConfig,
-             token_text=str, log=print) -> TaskResult:
+def run_task(trained: Subject, controls: dict[str, Subject], train: TaskData, test: TaskData, unseen: TaskData | None,
+             cfg: PruneConfig, token_text=str, log=print) -> TaskResult:
+    """`test` holds held-out pairs of the training families; `unseen` (if any) of a family never used in training."""
     t0 = time.time()
     asked = controls_asked(cfg)
     mode = cfg.ablation.value
@@ -119,12 +122,21 @@ def run_task(trained: Subject, controls: dict[str, Subject], train: TaskData, te
     edge_list: list[Edge] = []
     main = search(trained, train, test, cfg.seed, edges=edge_list)
     res = TaskResult(train.name, train.answer_text, main, edge_list)
+    space = NodeSpace.of(trained.model)
+    if unseen is not None:
+        on_unseen = Judge(trained.model, space, trained.how, train.subset(cfg.n_calib), unseen, cfg.calibration)
+        res.unseen["whole"] = on_unseen(torch.ones(space.total))
+        if main.found:
+            res.unseen["circuit"] = on_unseen(space.flat(main.kept))
     if main.found:
         res.checks["sufficiency"] = main.circuit.loss <= cfg.target
+        if unseen is not None:
+            res.checks["unseen_family"] = res.unseen["circuit"].loss <= cfg.target
         if main.without is not None:
             res.checks["necessity"] = main.without.loss > cfg.target
+        if main.nodes <= cfg.node_effects:
+            res.node_effects = node_effects(trained, space, main, train, test, cfg)
         if "frozen_norms" in asked and not cfg.frozen_norms:
-            space = NodeSpace.of(trained.model)
             judge = Judge(trained.model, space, trained.ablation(mode, True, cfg.seed), train.subset(cfg.n_calib), test, cfg.calibration)
             keep = space.flat(main.kept)
             res.checks["frozen_norms"] = judge(keep).loss <= cfg.target
@@ -144,13 +156,28 @@ def run_task(trained: Subject, controls: dict[str, Subject], train: TaskData, te
         c = search(trained, nonsense(train, cfg.seed), nonsense(test, cfg.seed + 1), cfg.seed, control=True)
         res.controls["nonsense"] = Control("nonsense", c.found or c.solved, c, "the whole model reaches the target" if c.solved else
                                            ("a circuit reaches the target" if c.found else ""))
+    whole_unseen = res.unseen.get("whole")
     res.why = ([] if main.solved else ["the whole model does not reach the target"]) + \
+              ([] if whole_unseen is None or whole_unseen.loss <= cfg.target else ["the whole model fails the unseen family"]) + \
               ([] if main.found or not main.solved else ["no circuit reaches the target"]) + \
               [f"fails {k}" for k, ok in res.checks.items() if not ok] + \
               [f"control {k} reaches the target" for k, c in res.controls.items() if c.passed]
     res.trusted = main.found and not res.why
     res.seconds = round(time.time() - t0, 1)
     return res
+
+
+def node_effects(trained: Subject, space: NodeSpace, circuit: Circuit, train: TaskData, test: TaskData, cfg: PruneConfig) -> dict[str, float]:
+    """Held-out loss change when each kept node alone is ablated from the circuit (judged as the search was)."""
+    judge = Judge(trained.model, space, trained.how, train.subset(cfg.n_calib), test, cfg.calibration)
+    keep = space.flat(circuit.kept)
+    out = {}
+    for site, channels in circuit.kept.items():
+        for c in channels:
+            without = keep.clone()
+            without[space.offset(site) + c] = 0
+            out[f"{site}[{c}]"] = judge(without).loss - circuit.circuit.loss
+    return out
 
 
 def geometric_mean(values: list[int]) -> float | None:

@@ -36,6 +36,10 @@ class NodeSpace:
     def split(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         return dict(zip(self.sites, torch.split(flat, self.dims)))
 
+    def offset(self, site: str) -> int:
+        """Where `site`'s channels start in the flat vector over all nodes."""
+        return sum(self.dims[: self.sites.index(site)])
+
     def flat(self, kept: dict[str, list[int]]) -> torch.Tensor:
         """The 0/1 vector over all nodes with the channels of `kept` (site -> indices) set: `kept`'s inverse."""
         parts = []

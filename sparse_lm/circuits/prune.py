@@ -13,6 +13,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -23,7 +24,7 @@ from sparse_lm.circuits import report
 from sparse_lm.circuits.battery import Subject, TaskResult, controls_asked, run_task
 from sparse_lm.circuits.controls import random_init_model, redrawn_model
 from sparse_lm.circuits.nodes import Ablation, NodeSpace
-from sparse_lm.circuits.pruning import site_means
+from sparse_lm.circuits.pruning import site_stats
 from sparse_lm.circuits.tasks import TASKS, TaskTokenError, build
 from sparse_lm.cli import load_model
 from sparse_lm.config import PruneConfig
@@ -39,6 +40,10 @@ class Results:
     tasks: list[TaskResult] = field(default_factory=list)
     unusable: dict[str, str] = field(default_factory=dict)  # task -> why this tokenizer cannot pose it
     seconds: float = 0.0
+    # For the pages' node panels: the trained model's site statistics, the pretraining tokens they index, a decoder.
+    stats: dict = field(default_factory=dict)
+    tokens: torch.Tensor | None = None
+    decode: Callable[[int], str] = str
 
 
 def task_list(spec) -> list[str]:
@@ -59,19 +64,20 @@ def pretraining_tokens(mcfg, n: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(data.train[: n * T], dtype=np.int64)).view(n, T)
 
 
-def cached_means(model: GPT, tokens: torch.Tensor, path: Path | None) -> dict:
-    """Site means over `tokens`, cached at `path` (beside the checkpoint) when given."""
+def cached_stats(model: GPT, tokens: torch.Tensor, path: Path | None) -> dict:
+    """Site means and top-activating positions over `tokens` (pruning.site_stats), cached at `path` (beside the
+    checkpoint) when given."""
     if path is not None and path.exists():
         return torch.load(path, map_location="cpu", weights_only=True)
-    means = {site: m.cpu() for site, m in site_means(model, NodeSpace.of(model).sites, tokens).items()}
+    stats = site_stats(model, NodeSpace.of(model).sites, tokens)
     if path is not None:
         with atomic_file(path) as tmp:  # a crash never leaves a half-written cache
-            torch.save(means, tmp)
-    return means
+            torch.save(stats, tmp)
+    return stats
 
 
-def subject(label: str, model: GPT, tokens: torch.Tensor, cfg: PruneConfig, cache: Path | None = None) -> Subject:
-    means = cached_means(model, tokens, cache)
+def subject(label: str, model: GPT, tokens: torch.Tensor, cfg: PruneConfig, stats: dict | None = None) -> Subject:
+    means = (stats or cached_stats(model, tokens, None))["means"]
     return Subject(label, model, Ablation(cfg.ablation.value, means, tokens, cfg.frozen_norms, cfg.seed), means, tokens)
 
 
@@ -80,26 +86,30 @@ def prune_all(model: GPT, tokenizer, mcfg, state: dict, ckpt: Path, tasks: list[
     t0 = time.time()
     asked = controls_asked(cfg)
     tokens = pretraining_tokens(mcfg, cfg.mean_sequences)
-    trained = subject("trained model", model, tokens, cfg, ckpt / f"site_means-{cfg.mean_sequences}.pt")
+    stats = cached_stats(model, tokens, ckpt / f"site_stats-{cfg.mean_sequences}.pt")
+    trained = subject("trained model", model, tokens, cfg, stats)
     controls = {}
     if "random_init" in asked:
         controls["random_init"] = subject("random_init", random_init_model(mcfg, state["step"], cfg.seed, cfg.device), tokens, cfg)
     if "redrawn" in asked:
         controls["redrawn"] = subject("redrawn", redrawn_model(model, cfg.seed), tokens, cfg)
-    results = Results(str(ckpt), state["step"])
+    results = Results(str(ckpt), state["step"], stats=stats, tokens=tokens, decode=lambda t: tokenizer.decode([t]))
     for i, task in enumerate(tasks, 1):
         log(f"[{i}/{len(tasks)}] {task}")
         try:
-            train = build(task, tokenizer, "train", cfg.n_train, cfg.seed)
-            test = build(task, tokenizer, "test", cfg.n_test, cfg.seed)
-            if test.answers != train.answers:
-                raise TaskTokenError(f"{task}: the train and test splits tokenize the answers differently "
-                                     f"({train.answer_text} vs {test.answer_text})")
+            fits = mcfg.model.ctx_len
+            train = build(task, tokenizer, "train", cfg.n_train, cfg.seed, max_len=fits)
+            test = build(task, tokenizer, "test", cfg.n_test, cfg.seed, max_len=fits)
+            unseen = build(task, tokenizer, "unseen", cfg.n_test, cfg.seed, max_len=fits)
+            for split in (test, unseen):
+                if split.answers != train.answers:
+                    raise TaskTokenError(f"{task}: the splits tokenize the answers differently "
+                                         f"({train.answer_text} vs {split.answer_text})")
         except TaskTokenError as e:
             log(f"  skipped: {e}")
             results.unusable[task] = str(e)
             continue
-        res = run_task(trained, controls, train, test, cfg, token_text=lambda t: tokenizer.decode([t]), log=log)
+        res = run_task(trained, controls, train, test, unseen, cfg, token_text=lambda t: tokenizer.decode([t]), log=log)
         log("  " + report.task_line(res, cfg))
         results.tasks.append(res)
     results.seconds = round(time.time() - t0, 1)

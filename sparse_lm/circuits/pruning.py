@@ -28,18 +28,32 @@ from sparse_lm.circuits.tasks import TaskData
 
 
 @torch.no_grad()
-def site_means(model: GPT, sites: list[str], tokens: torch.Tensor, batch: int = 16) -> dict[str, torch.Tensor]:
-    """Mean of every site's channels over all positions of `tokens` [n, T]."""
-    sums, count = {}, 0
+def site_stats(model: GPT, sites: list[str], tokens: torch.Tensor, top: int = 5, batch: int = 16) -> dict:
+    """Over all positions of `tokens` [n, T], in one pass: every site's channel means ("means": site -> [dim]) and each
+    channel's `top` largest activations ("top_values") with where they occur ("top_positions": flat index n·T + t)."""
+    sums, best, count = {}, {}, 0
     device = model.lm_head.weight.device
-    for chunk in tokens.split(batch):
+    for start in range(0, tokens.shape[0], batch):
+        chunk = tokens[start : start + batch]
         with record(model, sites) as acts:
             model(chunk.to(device))
         for site in sites:
-            s = acts[site].float().sum(dim=(0, 1))
-            sums[site] = sums[site] + s if site in sums else s
+            a = acts[site].float().flatten(0, 1).cpu()  # [positions, dim]
+            sums[site] = sums[site] + a.sum(0) if site in sums else a.sum(0)
+            values, where = a.topk(min(top, a.shape[0]), dim=0)
+            where = where + start * tokens.shape[1]
+            if site in best:
+                values, pick = torch.cat([best[site][0], values]).topk(min(top, len(values) + len(best[site][0])), dim=0)
+                where = torch.cat([best[site][1], where]).gather(0, pick)
+            best[site] = (values, where)
         count += chunk.numel()
-    return {site: s / count for site, s in sums.items()}
+    return {"means": {site: s / count for site, s in sums.items()}, "top_values": {s: v for s, (v, _) in best.items()},
+            "top_positions": {s: w for s, (_, w) in best.items()}}
+
+
+def site_means(model: GPT, sites: list[str], tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Mean of every site's channels over all positions of `tokens` [n, T]."""
+    return site_stats(model, sites, tokens, top=1)["means"]
 
 
 def logit_diff(model: GPT, data: TaskData, batch: int = 256) -> torch.Tensor:

@@ -60,6 +60,8 @@ def summary(results, cfg: PruneConfig) -> dict:
                    "full_raw_loss": r.circuit.full.raw_loss, "nodes": r.circuit.nodes,
                    "edges": r.circuit.edges["total"] if r.circuit.edges else None,
                    "circuit_loss": r.circuit.circuit.loss if r.circuit.found else None,
+                   "unseen_full_loss": r.unseen["whole"].loss if "whole" in r.unseen else None,
+                   "unseen_circuit_loss": r.unseen["circuit"].loss if "circuit" in r.unseen else None,
                    "circuit_calibrated_loss": r.circuit.circuit.calibrated_loss if r.circuit.found else None,
                    "checks": r.checks, "controls": {k: c.passed for k, c in r.controls.items()},
                    "ablations": {k: (c.edges["total"] if c.found else None) for k, c in r.ablations.items()},
@@ -71,14 +73,18 @@ def format_summary(s: dict) -> str:
     lines = [f"{s['checkpoint']} (step {s['step']}): target loss {s['target']} per side, judged {s['calibration']}; "
              f"{s['ablation']} ablation{', frozen norms' if s['frozen_norms'] else ''}; edge conventions: "
              f"{describe(EdgeConventions(**s['conventions']))}",
-             f"{'task':<28} {'whole':>6} {'circuit':>8} {'calib.':>7} {'nodes':>6} {'edges':>6}  {'checks':<22} "
-             f"{'random_init':<18} {'redrawn':<18} {'nonsense':<18} trusted"]
+             "held-out loss per side: whole model and circuit on the training families' held-out pairs, then on the unseen "
+             "family; calib.: the circuit's loss after its own logit fit",
+             f"{'task':<28} {'whole':>6} {'circuit':>8} {'calib.':>7} {'unseen':>13} {'nodes':>6} {'edges':>6}  {'checks':<27} "
+             f"{'random_init':<12} {'redrawn':<12} {'nonsense':<12} trusted"]
     for r in s["tasks"]:
-        checks = " ".join(f"{k[:4]}{'' if ok else ':NO'}" for k, ok in r["checks"].items()) or "-"
+        short = {"sufficiency": "suff", "unseen_family": "unseen", "necessity": "nec", "frozen_norms": "frozen"}
+        checks = " ".join(f"{short[k]}{'' if ok else ':NO'}" for k, ok in r["checks"].items()) or "-"
         ctrl = {k: ("PASSES" if v else "fails") for k, v in r["controls"].items()}
+        unseen = f"{_f(r['unseen_full_loss'])}/{_f(r['unseen_circuit_loss'])}"
         lines.append(f"{r['task']:<28} {r['full_loss']:>6.3f} {_f(r['circuit_loss']):>8} {_f(r['circuit_calibrated_loss']):>7} "
-                     f"{_f(r['nodes'], '{}'):>6} {_f(r['edges'], '{}'):>6}  {checks:<22} {ctrl.get('random_init', '-'):<18} "
-                     f"{ctrl.get('redrawn', '-'):<18} {ctrl.get('nonsense', '-'):<18} "
+                     f"{unseen:>13} {_f(r['nodes'], '{}'):>6} {_f(r['edges'], '{}'):>6}  {checks:<27} {ctrl.get('random_init', '-'):<12} "
+                     f"{ctrl.get('redrawn', '-'):<12} {ctrl.get('nonsense', '-'):<12} "
                      + ("yes" if r["trusted"] else "no: " + "; ".join(r["why"])))
     variants = [r for r in s["tasks"] if r["ablations"] or r["seeds"]]
     if variants:
@@ -103,6 +109,25 @@ def format_summary(s: dict) -> str:
     return "\n".join(lines)
 
 
+def node_info(res: TaskResult, results, before: int = 6, after: int = 3) -> dict[str, dict]:
+    """For each kept node of the trained model's circuit: its mean, its top-activating pretraining contexts and the
+    loss change when it alone is ablated (what the page's node panel shows)."""
+    if results.tokens is None or not results.stats:
+        return {}
+    T, rows, decode = results.tokens.shape[1], results.tokens.tolist(), results.decode
+    info = {}
+    for site, channels in res.circuit.kept.items():
+        for c in channels:
+            top = []
+            for value, where in zip(results.stats["top_values"][site][:, c].tolist(), results.stats["top_positions"][site][:, c].tolist()):
+                row, t = rows[where // T], where % T
+                top.append({"before": "".join(map(decode, row[max(0, t - before):t])), "token": decode(row[t]),
+                            "after": "".join(map(decode, row[t + 1:t + 1 + after])), "value": value})
+            label = f"{site}[{c}]"
+            info[label] = {"mean": float(results.stats["means"][site][c]), "top": top, "effect": res.node_effects.get(label)}
+    return info
+
+
 def write(results, model: GPT, cfg: PruneConfig, out: Path) -> None:
     """Every file of an invocation into `out`."""
     out.mkdir(parents=True, exist_ok=True)
@@ -122,7 +147,7 @@ def write(results, model: GPT, cfg: PruneConfig, out: Path) -> None:
         if c.without is not None:
             info.append(("whole model without the circuit", f"loss {c.without.loss:.3f}"))
         draw_png(out / f"{r.task}.png", title, model.cfg.n_layer, dims, r.edge_list, c.kept)
-        draw_html(out / f"{r.task}.html", title, info, model.cfg.n_layer, dims, r.edge_list, c.kept)
+        draw_html(out / f"{r.task}.html", title, info, model.cfg.n_layer, dims, r.edge_list, c.kept, node_info(r, results))
     s = summary(results, cfg)
     write_json(out / "summary.json", s)
     text = format_summary(s)
