@@ -35,8 +35,8 @@ def masked_sdpa(q, k, v, sink):
 
 
 class SinkAttention(torch.autograd.Function):
-    """The explicit computation, with the same forward arithmetic as the generic path (bit-identical on a CPU) and
-    half its time: scores for the sink and the T keys are written into one [B, H, T, 1 + T] tensor, softmaxed once,
+    """The explicit computation, with the generic path's forward arithmetic (equal to it at the model's layout in the
+    tests, to fp32 rounding in general) and half its time: scores for the sink and the T keys are written into one [B, H, T, 1 + T] tensor, softmaxed once,
     and the probabilities kept for the backward (as the generic path keeps its attention weights)."""
 
     @staticmethod

@@ -313,8 +313,9 @@ class PruneConfig:
     ablation: Ablation = Ablation.mean  # mean | zero | resample
     frozen_norms: bool = False  # norms of the pruned forward use the unpruned forward's scales on the same input
     # The faithfulness battery: all, or a list of CONTROLS. random_init / redrawn: the same search on a random-init
-    # model / on the trained sparsity pattern with its values shuffled; nonsense: the task with coin-flip labels;
+    # model / on the trained sparsity pattern with new random values; nonsense: the task with coin-flip labels;
     # ablations: the search again under the other ablation modes; frozen_norms: the circuit re-checked with frozen norms.
+    # A circuit is trusted only when all of them ran (controls=all, check=true) and it passed (circuits/battery.py).
     controls: Any = field(default_factory=list)
     seeds: int = ranged(1, 1)  # mask seeds (seed, seed + 1, ...): spread of the edge count, overlap of the node sets
     node_effects: int = ranged(400, 0)  # circuits up to this many nodes get each node's ablation effect (HTML page)

@@ -184,6 +184,13 @@ def test_held_out_pairs_use_names_never_seen_in_training():
         words = set(test_text.replace("\n", " ").replace("(", " ").replace(")", " ").split())
         assert not (words & train_names), task
     assert generate("bracket_counting", "train", 50, seed=1) == generate("bracket_counting", "train", 50, seed=1)
+    for task in TASKS:  # no held-out context is a training context; no context is an A side and a B side at once
+        train = {c for pair in generate(task, "train", 1000) for c, _ in pair}
+        for split in ("train", "test", "unseen"):
+            pairs = generate(task, split, 400)
+            a_sides, b_sides = {a for (a, _), _ in pairs}, {b for _, (b, _) in pairs}
+            assert not a_sides & b_sides, (task, split)
+            assert split == "train" or not train & (a_sides | b_sides), (task, split)
 
 
 def test_a_tokenizer_that_splits_an_answer_is_refused_naming_the_task_and_answers(corpus, tmp_path):
@@ -294,7 +301,7 @@ def planted_subject(model, label="trained model"):
     space = NodeSpace.of(model)
     source = torch.randint(0, 6, (64, 8), generator=torch.Generator().manual_seed(1))
     means = site_means(model, space.sites, source)
-    return Subject(label, model, Ablation("mean", means, source), means, source)
+    return Subject(label, model, means, source)
 
 
 def battery(model, subjects, **overrides):
@@ -325,6 +332,9 @@ def test_the_planted_circuit_is_trusted_and_every_control_fails():
     assert res.checks == {"sufficiency": True, "unseen_family": True, "necessity": True, "frozen_norms": True}
     assert set(res.controls) == {"random_init", "redrawn", "nonsense"} and not any(c.passed for c in res.controls.values())
     assert res.trusted and res.why == []
+    partial = battery(model, {}, controls=["nonsense"])  # the same circuit without the whole battery is not trusted
+    assert partial.circuit.kept == res.circuit.kept and not partial.trusted
+    assert partial.why == ["not run: frozen_norms, random_init, redrawn"]
     assert set(res.ablations) == {"zero", "resample"}
 
 
@@ -343,8 +353,8 @@ def test_the_whole_planted_model_fails_the_nonsense_task():
     space = NodeSpace.of(model)
     task, calib = planted_task(100, 3), planted_task(64, 2)
     for mode in Calibration:
-        real = Judge(model, space, subject.how, calib, task, mode)(torch.ones(space.total))
-        fake = Judge(model, space, subject.how, nonsense(calib, 0), nonsense(task, 1), mode)(torch.ones(space.total))
+        real = Judge(model, space, subject.ablation("mean", False, 0), calib, task, mode)(torch.ones(space.total))
+        fake = Judge(model, space, subject.ablation("mean", False, 0), nonsense(calib, 0), nonsense(task, 1), mode)(torch.ones(space.total))
         assert real.loss < 0.15 < fake.loss, mode
     flipped = nonsense(task, 1)
     assert torch.equal(flipped.tokens.sort(0).values, task.tokens.sort(0).values)  # the same contexts, relabelled

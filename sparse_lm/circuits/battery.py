@@ -1,7 +1,8 @@
 """A task's circuit and the faithfulness battery around it (docs/method.md §5): compute only, no files.
 
 For each task: the trained model's circuit (mask seed `cfg.seed`, `cfg.ablation`), its own checks, and every control
-asked for. A circuit is **trusted** only if it passes its own checks and no control reaches the target:
+asked for. A circuit is **trusted** only if every check and control below ran, it passes its checks and no control reaches
+the target (so only with `controls=all` and `check=true`):
 
   checks    sufficiency (the circuit alone reaches the target on held-out pairs), necessity (the whole model
             without it fails), frozen_norms (it still reaches the target with every norm frozen to the whole
@@ -39,7 +40,6 @@ class Subject:
 
     label: str  # "trained model", "random_init", "redrawn"
     model: GPT
-    how: Ablation
     means: dict[str, torch.Tensor]
     source: torch.Tensor  # pretraining token ids (resample ablation)
 
@@ -103,9 +103,15 @@ def with_edges(circuit: Circuit, model: GPT, train: TaskData, test: TaskData, cf
     return edges
 
 
+REQUIRED_CHECKS = ("sufficiency", "unseen_family", "necessity", "frozen_norms")
+REQUIRED_CONTROLS = ("random_init", "redrawn", "nonsense")
+
+
 def run_task(trained: Subject, controls: dict[str, Subject], train: TaskData, test: TaskData, unseen: TaskData | None,
              cfg: PruneConfig, token_text=str, log=print) -> TaskResult:
-    """`test` holds held-out pairs of the training families; `unseen` (if any) of a family never used in training."""
+    """`test` holds held-out pairs of the training families, its first half for the bisection and its second half
+    for the sufficiency check; `unseen` (if any) pairs of a family never used in training."""
+    search_pairs, check_pairs = test.halves()
     t0 = time.time()
     asked = controls_asked(cfg)
     mode = cfg.ablation.value
@@ -120,40 +126,42 @@ def run_task(trained: Subject, controls: dict[str, Subject], train: TaskData, te
 
     log(f"  {trained.label}:")
     edge_list: list[Edge] = []
-    main = search(trained, train, test, cfg.seed, edges=edge_list)
+    main = search(trained, train, search_pairs, cfg.seed, edges=edge_list)
     res = TaskResult(train.name, train.answer_text, main, edge_list)
     space = NodeSpace.of(trained.model)
     if unseen is not None:
-        on_unseen = Judge(trained.model, space, trained.how, train.subset(cfg.n_calib), unseen, cfg.calibration)
+        on_unseen = Judge(trained.model, space, trained.ablation(mode, cfg.frozen_norms, cfg.seed), train.subset(cfg.n_calib), unseen, cfg.calibration)
         res.unseen["whole"] = on_unseen(torch.ones(space.total))
         if main.found:
             res.unseen["circuit"] = on_unseen(space.flat(main.kept))
     if main.found:
-        res.checks["sufficiency"] = main.circuit.loss <= cfg.target
+        fresh = Judge(trained.model, space, trained.ablation(mode, cfg.frozen_norms, cfg.seed), train.subset(cfg.n_calib), check_pairs,
+                      cfg.calibration)
+        res.checks["sufficiency"] = fresh(space.flat(main.kept)).loss <= cfg.target
         if unseen is not None:
             res.checks["unseen_family"] = res.unseen["circuit"].loss <= cfg.target
         if main.without is not None:
             res.checks["necessity"] = main.without.loss > cfg.target
         if main.nodes <= cfg.node_effects:
-            res.node_effects = node_effects(trained, space, main, train, test, cfg)
-        if "frozen_norms" in asked and not cfg.frozen_norms:
-            judge = Judge(trained.model, space, trained.ablation(mode, True, cfg.seed), train.subset(cfg.n_calib), test, cfg.calibration)
-            keep = space.flat(main.kept)
-            res.checks["frozen_norms"] = judge(keep).loss <= cfg.target
+            res.node_effects = node_effects(trained, space, main, train, search_pairs, cfg)
+        if "frozen_norms" in asked or cfg.frozen_norms:  # with frozen_norms=true the search itself froze them
+            judge = Judge(trained.model, space, trained.ablation(mode, True, cfg.seed), train.subset(cfg.n_calib), check_pairs,
+                          cfg.calibration)
+            res.checks["frozen_norms"] = judge(space.flat(main.kept)).loss <= cfg.target
     # Variants only where there is a circuit to vary; controls always (they tell whether the judging can be fooled).
-    res.seeds = [main] + [search(trained, train, test, cfg.seed + i) for i in range(1, cfg.seeds if main.found else 1)]
+    res.seeds = [main] + [search(trained, train, search_pairs, cfg.seed + i) for i in range(1, cfg.seeds if main.found else 1)]
     if "ablations" in asked and main.found:
         for other in AblationMode:
             if other.value != mode:
                 log(f"  {trained.label}, {other.value} ablation:")
-                res.ablations[other.value] = search(trained, train, test, cfg.seed, other.value)
+                res.ablations[other.value] = search(trained, train, search_pairs, cfg.seed, other.value)
     for name, subject in controls.items():
         log(f"  control {name}:")
-        c = search(subject, train, test, cfg.seed, control=True)
+        c = search(subject, train, search_pairs, cfg.seed, control=True)
         res.controls[name] = Control(name, c.found or c.solved, c, "reached the target" if c.found or c.solved else "")
     if "nonsense" in asked:
         log("  control nonsense (coin-flip labels):")
-        c = search(trained, nonsense(train, cfg.seed), nonsense(test, cfg.seed + 1), cfg.seed, control=True)
+        c = search(trained, nonsense(train, cfg.seed), nonsense(search_pairs, cfg.seed + 1), cfg.seed, control=True)
         res.controls["nonsense"] = Control("nonsense", c.found or c.solved, c, "the whole model reaches the target" if c.solved else
                                            ("a circuit reaches the target" if c.found else ""))
     whole_unseen = res.unseen.get("whole")
@@ -162,6 +170,9 @@ def run_task(trained: Subject, controls: dict[str, Subject], train: TaskData, te
               ([] if main.found or not main.solved else ["no circuit reaches the target"]) + \
               [f"fails {k}" for k, ok in res.checks.items() if not ok] + \
               [f"control {k} reaches the target" for k, c in res.controls.items() if c.passed]
+    if main.found:
+        missing = [k for k in REQUIRED_CHECKS if k not in res.checks] + [k for k in REQUIRED_CONTROLS if k not in res.controls]
+        res.why += [f"not run: {', '.join(missing)}"] if missing else []
     res.trusted = main.found and not res.why
     res.seconds = round(time.time() - t0, 1)
     return res
@@ -169,7 +180,8 @@ def run_task(trained: Subject, controls: dict[str, Subject], train: TaskData, te
 
 def node_effects(trained: Subject, space: NodeSpace, circuit: Circuit, train: TaskData, test: TaskData, cfg: PruneConfig) -> dict[str, float]:
     """Held-out loss change when each kept node alone is ablated from the circuit (judged as the search was)."""
-    judge = Judge(trained.model, space, trained.how, train.subset(cfg.n_calib), test, cfg.calibration)
+    how = trained.ablation(cfg.ablation.value, cfg.frozen_norms, cfg.seed)
+    judge = Judge(trained.model, space, how, train.subset(cfg.n_calib), test, cfg.calibration)
     keep = space.flat(circuit.kept)
     out = {}
     for site, channels in circuit.kept.items():

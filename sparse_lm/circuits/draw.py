@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import re
 
 from sparse_lm.circuits.edges import Edge
@@ -102,10 +103,10 @@ function esc(s) { return s.replace(/[&<>"]/g, c => ({'&': '&amp;', '<': '&lt;', 
 function show(name) {
   const n = NODES[name], panel = document.getElementById('panel');
   if (!n) return;
-  let h = '<h3>' + esc(name) + '</h3><p>mean activation ' + n.mean.toFixed(4) + '<br>loss change when ablated alone: ' +
+  let h = '<h3>' + esc(name) + '</h3><p>mean activation ' + (n.mean === null ? 'not finite' : n.mean.toFixed(4)) + '<br>loss change when ablated alone: ' +
     (n.effect === null ? 'not measured' : (n.effect >= 0 ? '+' : '') + n.effect.toFixed(4)) + '</p><p>top-activating contexts</p><ol>';
   for (const c of n.top) h += '<li><code>' + esc(c.before) + '<mark>' + esc(c.token) + '</mark>' + esc(c.after) +
-    '</code> <small>' + c.value.toFixed(3) + '</small></li>';
+    '</code> <small>' + (c.value === null ? '' : c.value.toFixed(3)) + '</small></li>';
   panel.innerHTML = h + '</ol>';
   panel.style.display = 'block';
 }
@@ -115,6 +116,17 @@ for (const el of document.querySelectorAll('circle[data-node]')) {
 }
 if (location.hash.startsWith('#node=')) show(decodeURIComponent(location.hash.slice(6)));
 """
+
+
+def finite(value):
+    """`value` with every NaN or infinity replaced by None (JSON has neither)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite(v) for v in value]
+    return value
 
 
 def draw_html(path, title: str, summary: list[tuple[str, str]], n_layer: int, dims: dict[str, int], edges: list[Edge],
@@ -145,7 +157,7 @@ def draw_html(path, title: str, summary: list[tuple[str, str]], n_layer: int, di
         svg.append(f'<text x="{x:.1f}" y="{y + 14:.1f}" text-anchor="middle" font-size="8" fill="#444">{html.escape(text)}</text>')
     svg.append("</svg>")
     table = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in summary)
-    data = json.dumps(nodes or {}).replace("</", "<\\/")
+    data = json.dumps(finite(nodes or {}), allow_nan=False).replace("<", "\\u003c")  # no markup inside the script element
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;margin:12px}} h2{{font-size:16px;margin:0 0 6px}} th{{text-align:left;padding-right:12px}}
 td,th{{font-size:12px}} #panel{{display:none;position:fixed;top:12px;right:12px;width:380px;max-height:90vh;overflow:auto;

@@ -23,7 +23,7 @@ from sparse_lm import checkpoint
 from sparse_lm.circuits import report
 from sparse_lm.circuits.battery import Subject, TaskResult, controls_asked, run_task
 from sparse_lm.circuits.controls import random_init_model, redrawn_model
-from sparse_lm.circuits.nodes import Ablation, NodeSpace
+from sparse_lm.circuits.nodes import NodeSpace
 from sparse_lm.circuits.pruning import site_stats
 from sparse_lm.circuits.tasks import TASKS, TaskTokenError, build
 from sparse_lm.cli import load_model
@@ -77,8 +77,7 @@ def cached_stats(model: GPT, tokens: torch.Tensor, path: Path | None) -> dict:
 
 
 def subject(label: str, model: GPT, tokens: torch.Tensor, cfg: PruneConfig, stats: dict | None = None) -> Subject:
-    means = (stats or cached_stats(model, tokens, None))["means"]
-    return Subject(label, model, Ablation(cfg.ablation.value, means, tokens, cfg.frozen_norms, cfg.seed), means, tokens)
+    return Subject(label, model, (stats or cached_stats(model, tokens, None))["means"], tokens)
 
 
 def prune_all(model: GPT, tokenizer, mcfg, state: dict, ckpt: Path, tasks: list[str], cfg: PruneConfig, log=print) -> Results:
@@ -99,7 +98,7 @@ def prune_all(model: GPT, tokenizer, mcfg, state: dict, ckpt: Path, tasks: list[
         try:
             fits = mcfg.model.ctx_len
             train = build(task, tokenizer, "train", cfg.n_train, cfg.seed, max_len=fits)
-            test = build(task, tokenizer, "test", cfg.n_test, cfg.seed, max_len=fits)
+            test = build(task, tokenizer, "test", 2 * cfg.n_test, cfg.seed, max_len=fits)  # bisection, then sufficiency
             unseen = build(task, tokenizer, "unseen", cfg.n_test, cfg.seed, max_len=fits)
             for split in (test, unseen):
                 if split.answers != train.answers:

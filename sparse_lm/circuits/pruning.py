@@ -14,7 +14,7 @@ Task loss: cross-entropy restricted to the two answer tokens, per side (the mean
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -115,7 +115,8 @@ def train_masks(model: GPT, space: NodeSpace, how: Ablation, train: TaskData, cf
         pick = torch.randint(train.n_pairs, (cfg.batch_pairs,), generator=g)  # on the CPU: same picks on any device
         batch = train.select(pick)
         keep = straight_through(tau)
-        with ablated(model, space, keep, how):
+        # A fresh resampling draw every step (the seed only makes the sequence reproducible).
+        with ablated(model, space, keep, replace(how, seed=how.seed * 1_000_003 + step)):
             task = side_losses(logit_diff(model, batch)).mean()
         loss = task + cfg.lam * keep.sum()
         opt.zero_grad(set_to_none=True)

@@ -26,15 +26,6 @@ def _f(v, fmt="{:.3f}") -> str:
     return "-" if v is None else fmt.format(v)
 
 
-def control_cell(res: TaskResult, name: str) -> str:
-    c = res.controls.get(name)
-    if c is None:
-        return "-"
-    if not c.passed:
-        return "fails"
-    return f"PASSES ({c.circuit.edges['total']} edges)" if c.circuit.found and c.circuit.edges else "PASSES (whole)"
-
-
 def task_line(res: TaskResult, cfg: PruneConfig) -> str:
     c = res.circuit
     if not c.found:
@@ -136,7 +127,7 @@ def write(results, model: GPT, cfg: PruneConfig, out: Path) -> None:
     for r in results.tasks:
         write_json(out / f"{r.task}.json", {**asdict(r), "seed_spread": r.seed_spread})
         c = r.circuit
-        if not c.found:
+        if not c.found or not c.kept:  # no circuit, or an empty one (the task solved with every node ablated)
             continue
         title = f"{r.task}: {c.nodes} nodes, {c.edges['total']} edges" + ("" if r.trusted else " (not trusted)")
         info = [("answers", " vs ".join(repr(a) for a in r.answers)),

@@ -69,7 +69,7 @@ def find_circuit(model: GPT, how: Ablation, train: TaskData, test: TaskData, cfg
         return cache[n]
 
     n = smallest_passing(lambda k: at(k).loss <= cfg.target, space.total, hint=int((tau >= 0).sum()), whole_passes=result.solved)
-    result.evaluations = len(cache)
+    result.evaluations = len(cache) - 1  # the whole model's evaluation came first
     if n is None:
         log("  no circuit of at most the masks' size reaches the target")
         return result

@@ -132,25 +132,25 @@ def _dict_key(f: Fill):
 
 def _dict_or_list(f: Fill):
     v, a, b = f.name(), f.num(), f.num()
-    head = f.rng.choice([f"{v} = ", "return ", f"{v}.{f.name(v)} = "])
+    head = f.rng.choice([f"{v} = ", f"return {v} or ", f"{v}.{f.name(v)} = "])
     return f"{head}{{{a}", f": {b}}}\n", f"{head}[{a}", f", {b}]\n"
 
 
 def _tuple_or_list(f: Fill):
     v, a, b, c = f.name(), f.num(), f.num(), f.num()
-    head = f.rng.choice([f"{v} = ", "return ", f"{v}.{f.name(v)} = "])
+    head = f.rng.choice([f"{v} = ", f"return {v} or ", f"{v}.{f.name(v)} = "])
     return f"{head}({a}, {b}, {c}", ")\n", f"{head}[{a}, {b}, {c}", "]\n"
 
 
 def _set_or_list(f: Fill):
     v, a, b, c = f.name(), f.num(), f.num(), f.num()
-    head = f.rng.choice([f"{v} = ", "return ", f"{v}.{f.name(v)} = "])
+    head = f.rng.choice([f"{v} = ", f"return {v} or ", f"{v}.{f.name(v)} = "])
     return f"{head}{{{a}, {b}, {c}", "}\n", f"{head}[{a}, {b}, {c}", "]\n"
 
 
 def _triple_quote(f: Fill):
     v, w = f.name(), f.words()
-    head = f.rng.choice([f"{v} = ", "return ", f"{v}.{f.name(v)} = "])
+    head = f.rng.choice([f"{v} = ", f"return {v} or ", f"{v}.{f.name(v)} = "])
     return f'{head}"""{w}', '"""\n', f'{head}"{w}', '"\n'
 
 
@@ -267,7 +267,7 @@ def _classmethod(before: Callable[[Fill], str]) -> Family:
 
 
 def _first_arg(shape: Callable[[Fill, str], str]) -> Family:
-    """Inside a method, `return` is followed by its first argument: self or cls, named three lines up."""
+    """Inside a method, `return` is followed by its first argument, self or cls, named in the method's signature."""
 
     def fn(f: Fill) -> Pair:
         c, m, x = f.cls(), f.func(), f.name()
@@ -322,7 +322,7 @@ TASKS: dict[str, tuple[Family, ...]] = {
     ),
     "dict_key_quote": one_line(_dict_key),
     "classmethod_first_arg": (
-        _classmethod(lambda f: ""),
+        _classmethod(lambda f: f"    {f.name()} = {f.num()}\n\n"),
         _classmethod(lambda f: f'    """{f.words()}."""\n\n'),
         _classmethod(lambda f: f"    def __init__(self, {f.name()}):\n        pass\n\n"),
     ),
@@ -359,8 +359,9 @@ def generate(task: str, split: str, n: int, seed: int = 0) -> list[Pair]:
     fill, seen, out = Fill(rng, "train" if split == "train" else "test"), set(), []
     for i in range(50 * n):
         pair = families[i % len(families)](fill)
-        if pair not in seen:
-            seen.add(pair)
+        contexts = (pair[0][0], pair[1][0])
+        if contexts not in seen:  # distinct contexts, not just distinct continuations
+            seen.add(contexts)
             out.append(pair)
             if len(out) == n:
                 return out
@@ -393,6 +394,11 @@ class TaskData:
     def token_ids(self) -> list[int]:
         """The distinct tokens of all contexts (padding excluded)."""
         return sorted({t for row, n in zip(self.tokens.tolist(), self.lengths.tolist()) for t in row[:n]})
+
+    def halves(self) -> tuple[TaskData, TaskData]:
+        """The first and the second half of the pairs."""
+        half = self.n_pairs // 2
+        return self.select(torch.arange(half)), self.select(torch.arange(half, self.n_pairs))
 
     def subset(self, n: int) -> TaskData:
         return self.select(torch.arange(min(n, self.n_pairs)))
