@@ -165,62 +165,33 @@ def _unpacking(f: Fill):
 # ---- multi-line tasks: each family written out
 
 
-def _accumulate(var: str, f: Fill, make_a: str, make_b: str, use_a: str, use_b: str, loop: str) -> Pair:
-    return (f"{var} = {make_a}\n{loop}{var}", use_a), (f"{var} = {make_b}\n{loop}{var}", use_b)
-
-
-def set_or_string_families(fixed: str | None) -> tuple[Family, ...]:
-    def var(f):
-        return fixed or f.name()
-
-    def plain(f):
-        v = var(f)
-        it = f.name(v)
-        src = f.name(v, it)
-        return _accumulate(v, f, "set()", '""', f".add({it})\n", f" += {it}\n", f"for {it} in {src}:\n    ")
-
-    def filtered(f):
-        v = var(f)
-        it = f.name(v)
-        src = f.name(v, it)
-        return _accumulate(v, f, "set()", '""', f".add({it})\n", f" += {it}\n",
-                           f"for {it} in {f.func()}({src}):\n    if {it}:\n        ")
-
-    def in_while(f):
-        v = var(f)
-        it = f.name(v)
-        src = f.name(v, it)
-        return _accumulate(v, f, "set()", '""', f".add({it})\n", f" += {it}\n",
-                           f"while {src}:\n    {it} = {src}.pop()\n    ")
-
-    return plain, filtered, in_while
-
-
-def _list_or_dict(loop: Callable[[Fill, str, str, str], str]) -> Family:
-    def fn(f: Fill) -> Pair:
-        v = f.name()
-        it = f.name(v)
-        src = f.name(v, it)
-        return _accumulate(v, f, "[]", "{}", f".append({it})\n", f"[{it}] = 1\n", loop(f, v, it, src))
-
-    return fn
-
-
-def _int_or_list(loop: Callable[[Fill, str, str, str], str]) -> Family:
-    def fn(f: Fill) -> Pair:
-        v = f.name()
-        it = f.name(v)
-        src = f.name(v, it)
-        return _accumulate(v, f, "0", "[]", f" += {it}\n", f".append({it})\n", loop(f, v, it, src))
-
-    return fn
-
-
 LOOPS = (
     lambda f, v, it, src: f"for {it} in {src}:\n    ",
     lambda f, v, it, src: f"for {it} in {f.func()}({src}):\n    if {it}:\n        ",
     lambda f, v, it, src: f"{it} = {f.func()}({src})\n",
 )
+
+
+def while_pop(f: Fill, v: str, it: str, src: str) -> str:
+    return f"while {src}:\n    {it} = {src}.pop()\n    "
+
+
+def accumulator(make_a: str, make_b: str, use_a: str, use_b: str, loop, var: str | None = None) -> Family:
+    """`v = make_a` (A) or `v = make_b` (B), some code (`loop`), then `v` used as its type wants: `use_a` / `use_b`,
+    formatted with the item `it` the code produced."""
+
+    def fn(f: Fill) -> Pair:
+        v = var or f.name()
+        it = f.name(v)
+        src = f.name(v, it)
+        body = loop(f, v, it, src)
+        return (f"{v} = {make_a}\n{body}{v}", use_a.format(it=it)), (f"{v} = {make_b}\n{body}{v}", use_b.format(it=it))
+
+    return fn
+
+
+def set_or_string_families(var: str | None) -> tuple[Family, ...]:
+    return tuple(accumulator("set()", '""', ".add({it})\n", " += {it}\n", loop, var) for loop in (*LOOPS[:2], while_pop))
 
 
 def _self_attribute(body: Callable[[Fill], str]) -> Family:
@@ -304,7 +275,7 @@ TASKS: dict[str, tuple[Family, ...]] = {
     "set_or_string": set_or_string_families(None),
     "set_or_string_fixedvarname": set_or_string_families("x"),
     "paren_depth": one_line(_parens),
-    "list_or_dict_use": tuple(_list_or_dict(loop) for loop in LOOPS),
+    "list_or_dict_use": tuple(accumulator("[]", "{}", ".append({it})\n", "[{it}] = 1\n", loop) for loop in LOOPS),
     "self_attribute_recall": (
         _self_attribute(lambda f: f"\n\n    def {f.func()}(self):\n        return self"),
         _self_attribute(lambda f: f"\n\n    @property\n    def {f.func()}(self):\n        return self"),
@@ -331,7 +302,7 @@ TASKS: dict[str, tuple[Family, ...]] = {
     "tuple_or_list_close": one_line(_tuple_or_list),
     "set_or_list_close": one_line(_set_or_list),
     "triple_quote_close": one_line(_triple_quote),
-    "int_or_list_accumulate": tuple(_int_or_list(loop) for loop in LOOPS),
+    "int_or_list_accumulate": tuple(accumulator("0", "[]", " += {it}\n", ".append({it})\n", loop) for loop in LOOPS),
     "first_arg_recall": (
         _first_arg(lambda f, x: ""),
         _first_arg(lambda f, x: f"        {f.name(x)} = {x}\n"),
