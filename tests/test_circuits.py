@@ -465,3 +465,26 @@ def test_the_circuit_page_renders_in_one_screen_and_its_node_panel_opens(tmp_pat
     assert heights and max(ys) < heights[0] and heights[0] + 40 < 1000  # every kept layer above the fold
     rows = re.findall(r'text-anchor="end">([^<]+)</text>', dom)
     assert rows == ["tokens", "embedding", "0.mlp.in", "0.mlp.neuron", "0.mlp.out", "unembedding", "answers"]  # no empty rows
+
+
+def test_judging_raw_fixed_and_per_candidate_on_a_model_whose_logits_are_right_but_small():
+    from sparse_lm.circuits.pruning import Judge
+    from sparse_lm.config import Calibration
+
+    model = planted_model()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(0.02)  # the same preferences, a fiftieth of the logit difference
+    subject = planted_subject(model)
+    space = NodeSpace.of(model)
+    how = subject.ablation("mean", False, 0)
+    calib, test = planted_task(64, 2), planted_task(100, 3)
+    whole = torch.ones(space.total)
+    raw, fixed, per = (Judge(model, space, how, calib, test, mode) for mode in Calibration)
+    assert raw(whole).loss > 0.15  # raw: the whole model does not solve it ...
+    assert fixed(whole).loss < 0.15 and per(whole).loss < 0.15  # ... after a logit fit it does
+    assert raw(whole).raw_loss == fixed(whole).raw_loss == raw(whole).loss
+    # `fixed` keeps the whole model's fit for every candidate; `per_candidate` refits: on the circuit with its
+    # answer-writing channel dropped, the refit makes more of what is left.
+    keep = whole.clone()
+    keep[space.offset("0.mlp.out") + R_OUT] = 0
+    assert per(keep).loss <= fixed(keep).loss
