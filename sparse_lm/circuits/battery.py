@@ -4,9 +4,10 @@ For each task: the trained model's circuit (mask seed `cfg.seed`, `cfg.ablation`
 asked for. A circuit is **trusted** only if every check and control below ran, it passes its checks and no control reaches
 the target (so only with `controls=all` and `check=true`):
 
-  checks    sufficiency (the circuit alone reaches the target on held-out pairs), necessity (the whole model
-            without it fails), frozen_norms (it still reaches the target with every norm frozen to the whole
-            model's scale on the same input)
+  checks    sufficiency (the circuit alone reaches the target on held-out pairs the bisection did not see: the
+            second half of the test split), unseen_family (it also does on held-out pairs of a template family never
+            used in training), necessity (the whole model without it fails), frozen_norms (it still reaches the
+            target with every norm frozen to the whole model's scale on the same input)
   controls  random_init and redrawn (the same search on a model that knows nothing: must find no circuit),
             nonsense (the task with coin-flip labels: the whole model and every circuit must fail it)
   variants  ablations (the search again under the other ablation modes) and seeds (the search again with other
@@ -50,9 +51,11 @@ class Subject:
 @dataclass
 class Control:
     name: str
-    passed: bool  # the control reached the target: the real circuit is not trusted
-    circuit: Circuit | None = None
-    note: str = ""
+    circuit: Circuit  # the control's search
+    passed: bool = field(init=False)  # it reached the target (its whole model, or a circuit): the real one is not trusted
+
+    def __post_init__(self):
+        self.passed = self.circuit.solved or self.circuit.found
 
 
 @dataclass
@@ -129,25 +132,27 @@ def run_task(trained: Subject, controls: dict[str, Subject], train: TaskData, te
     main = search(trained, train, search_pairs, cfg.seed, edges=edge_list)
     res = TaskResult(train.name, train.answer_text, main, edge_list)
     space = NodeSpace.of(trained.model)
+
+    def judge(pairs: TaskData, frozen_norms: bool = cfg.frozen_norms) -> Judge:
+        """The trained model's circuit scored on `pairs`, as the search scored its candidates."""
+        return Judge(trained.model, space, trained.ablation(mode, frozen_norms, cfg.seed), train.subset(cfg.n_calib), pairs, cfg.calibration)
+
+    keep = space.flat(main.kept)
     if unseen is not None:
-        on_unseen = Judge(trained.model, space, trained.ablation(mode, cfg.frozen_norms, cfg.seed), train.subset(cfg.n_calib), unseen, cfg.calibration)
+        on_unseen = judge(unseen)
         res.unseen["whole"] = on_unseen(torch.ones(space.total))
         if main.found:
-            res.unseen["circuit"] = on_unseen(space.flat(main.kept))
+            res.unseen["circuit"] = on_unseen(keep)
     if main.found:
-        fresh = Judge(trained.model, space, trained.ablation(mode, cfg.frozen_norms, cfg.seed), train.subset(cfg.n_calib), check_pairs,
-                      cfg.calibration)
-        res.checks["sufficiency"] = fresh(space.flat(main.kept)).loss <= cfg.target
+        res.checks["sufficiency"] = judge(check_pairs)(keep).loss <= cfg.target
         if unseen is not None:
             res.checks["unseen_family"] = res.unseen["circuit"].loss <= cfg.target
         if main.without is not None:
             res.checks["necessity"] = main.without.loss > cfg.target
         if main.nodes <= cfg.node_effects:
-            res.node_effects = node_effects(trained, space, main, train, search_pairs, cfg)
+            res.node_effects = node_effects(judge(search_pairs), space, main)
         if "frozen_norms" in asked or cfg.frozen_norms:  # with frozen_norms=true the search itself froze them
-            judge = Judge(trained.model, space, trained.ablation(mode, True, cfg.seed), train.subset(cfg.n_calib), check_pairs,
-                          cfg.calibration)
-            res.checks["frozen_norms"] = judge(space.flat(main.kept)).loss <= cfg.target
+            res.checks["frozen_norms"] = judge(check_pairs, frozen_norms=True)(keep).loss <= cfg.target
     # Variants only where there is a circuit to vary; controls always (they tell whether the judging can be fooled).
     res.seeds = [main] + [search(trained, train, search_pairs, cfg.seed + i) for i in range(1, cfg.seeds if main.found else 1)]
     if "ablations" in asked and main.found:
@@ -157,13 +162,11 @@ def run_task(trained: Subject, controls: dict[str, Subject], train: TaskData, te
                 res.ablations[other.value] = search(trained, train, search_pairs, cfg.seed, other.value)
     for name, subject in controls.items():
         log(f"  control {name}:")
-        c = search(subject, train, search_pairs, cfg.seed, control=True)
-        res.controls[name] = Control(name, c.found or c.solved, c, "reached the target" if c.found or c.solved else "")
+        res.controls[name] = Control(name, search(subject, train, search_pairs, cfg.seed, control=True))
     if "nonsense" in asked:
         log("  control nonsense (coin-flip labels):")
-        c = search(trained, nonsense(train, cfg.seed), nonsense(search_pairs, cfg.seed + 1), cfg.seed, control=True)
-        res.controls["nonsense"] = Control("nonsense", c.found or c.solved, c, "the whole model reaches the target" if c.solved else
-                                           ("a circuit reaches the target" if c.found else ""))
+        res.controls["nonsense"] = Control("nonsense", search(trained, nonsense(train, cfg.seed), nonsense(search_pairs, cfg.seed + 1),
+                                                              cfg.seed, control=True))
     whole_unseen = res.unseen.get("whole")
     res.why = ([] if main.solved else ["the whole model does not reach the target"]) + \
               ([] if whole_unseen is None or whole_unseen.loss <= cfg.target else ["the whole model fails the unseen family"]) + \
@@ -178,10 +181,8 @@ def run_task(trained: Subject, controls: dict[str, Subject], train: TaskData, te
     return res
 
 
-def node_effects(trained: Subject, space: NodeSpace, circuit: Circuit, train: TaskData, test: TaskData, cfg: PruneConfig) -> dict[str, float]:
-    """Held-out loss change when each kept node alone is ablated from the circuit (judged as the search was)."""
-    how = trained.ablation(cfg.ablation.value, cfg.frozen_norms, cfg.seed)
-    judge = Judge(trained.model, space, how, train.subset(cfg.n_calib), test, cfg.calibration)
+def node_effects(judge: Judge, space: NodeSpace, circuit: Circuit) -> dict[str, float]:
+    """Held-out loss change when each kept node alone is ablated from the circuit (`judge`: as the search scored)."""
     keep = space.flat(circuit.kept)
     out = {}
     for site, channels in circuit.kept.items():

@@ -76,7 +76,7 @@ def cached_stats(model: GPT, tokens: torch.Tensor, path: Path | None) -> dict:
     return stats
 
 
-def subject(label: str, model: GPT, tokens: torch.Tensor, cfg: PruneConfig, stats: dict | None = None) -> Subject:
+def subject(label: str, model: GPT, tokens: torch.Tensor, stats: dict | None = None) -> Subject:
     return Subject(label, model, (stats or cached_stats(model, tokens, None))["means"], tokens)
 
 
@@ -86,13 +86,14 @@ def prune_all(model: GPT, tokenizer, mcfg, state: dict, ckpt: Path, tasks: list[
     asked = controls_asked(cfg)
     tokens = pretraining_tokens(mcfg, cfg.mean_sequences)
     stats = cached_stats(model, tokens, ckpt / f"site_stats-{cfg.mean_sequences}.pt")
-    trained = subject("trained model", model, tokens, cfg, stats)
+    trained = subject("trained model", model, tokens, stats)
     controls = {}
     if "random_init" in asked:
-        controls["random_init"] = subject("random_init", random_init_model(mcfg, state["step"], cfg.seed, cfg.device), tokens, cfg)
+        controls["random_init"] = subject("random_init", random_init_model(mcfg, state["step"], cfg.seed, cfg.device), tokens)
     if "redrawn" in asked:
-        controls["redrawn"] = subject("redrawn", redrawn_model(model, cfg.seed), tokens, cfg)
-    results = Results(str(ckpt), state["step"], stats=stats, tokens=tokens, decode=lambda t: tokenizer.decode([t]))
+        controls["redrawn"] = subject("redrawn", redrawn_model(model, cfg.seed), tokens)
+    decode = lambda t: tokenizer.decode([t])  # noqa: E731
+    results = Results(str(ckpt), state["step"], stats=stats, tokens=tokens, decode=decode)
     for i, task in enumerate(tasks, 1):
         log(f"[{i}/{len(tasks)}] {task}")
         try:
@@ -108,7 +109,7 @@ def prune_all(model: GPT, tokenizer, mcfg, state: dict, ckpt: Path, tasks: list[
             log(f"  skipped: {e}")
             results.unusable[task] = str(e)
             continue
-        res = run_task(trained, controls, train, test, unseen, cfg, token_text=lambda t: tokenizer.decode([t]), log=log)
+        res = run_task(trained, controls, train, test, unseen, cfg, token_text=decode, log=log)
         log("  " + report.task_line(res, cfg))
         results.tasks.append(res)
     results.seconds = round(time.time() - t0, 1)
