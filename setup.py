@@ -19,5 +19,9 @@ setup(
         "tensorboard>=2.14",
         "matplotlib>=3.7",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={
+        # Hydra launchers for `python -m sparse_lm.frontier launcher=submitit_local|submitit_slurm` (parallel, cluster)
+        "cluster": ["hydra-submitit-launcher>=1.2"],
+        "test": ["pytest>=7", "hydra-submitit-launcher>=1.2"],
+    },
 )

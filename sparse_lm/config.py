@@ -324,6 +324,31 @@ class PruneConfig:
 
 
 @dataclass
+class FrontierConfig:
+    """`python -m sparse_lm.frontier frontier=cpu`: train a grid of runs, prune each, plot loss against circuit size.
+
+    Runs: every size × hidden density × seed (sparse, `steps` long) and every size in `dense_sizes` × `dense_steps`
+    × seed (`sparsity=dense`), each an ordinary `train.py` run in <sweep_dir>/runs/<name> (docs/frontier.md).
+    """
+
+    name: str = MISSING  # the preset's name (frontier=cpu: "cpu")
+    sweep_dir: str = "runs/frontier-${name}"
+    train: list[str] = field(default_factory=list)  # train.py overrides shared by every run (preset, data, lr, ...)
+    sizes: dict[str, list[str]] = field(default_factory=dict)  # size label -> train.py overrides (model.d_model=...)
+    densities: list[float] = ranged(**DENSITY, factory=list)  # sparsity.hidden_density of the sparse runs
+    steps: int = ranged(1000, 1)  # train.max_steps of the sparse runs
+    seeds: list[int] = ranged(lo=0, factory=lambda: [0, 1])  # train.seed: every point is trained once per seed
+    dense_sizes: Optional[list[str]] = None  # sizes that get dense baselines (null: every size)
+    dense_steps: list[int] = ranged(lo=1, factory=list)  # train.max_steps of the dense baselines
+    prune: list[str] = field(default_factory=list)  # sparse_lm.prune overrides for every final checkpoint (tasks, controls)
+    # Hydra launcher of the training and pruning jobs: basic (one after another, here), submitit_local (parallel
+    # processes), submitit_slurm (cluster jobs); hydra.launcher.* settings go in launcher_overrides.
+    launcher: str = "basic"
+    launcher_overrides: list[str] = field(default_factory=list)
+    stage: str = "all"  # all | train (train only) | collect (no training, no pruning: the table of what exists)
+
+
+@dataclass
 class InspectConfig:
     checkpoint: str = MISSING  # run directory or checkpoint directory
 
@@ -335,6 +360,7 @@ def register_configs() -> None:
     cs.store(name="inspect_schema", node=InspectConfig)
     cs.store(name="bench_schema", node=BenchConfig)
     cs.store(name="prune_schema", node=PruneConfig)
+    cs.store(name="frontier_schema", node=FrontierConfig)
 
 
 def flatten(value) -> list:

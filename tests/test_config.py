@@ -9,7 +9,7 @@ from hydra.errors import ConfigCompositionException
 
 from omegaconf import OmegaConf
 
-from sparse_lm.config import (BenchConfig, Config, DataConfig, InspectConfig, KernelsConfig, ModelConfig, OptimConfig,
+from sparse_lm.config import (BenchConfig, Config, DataConfig, FrontierConfig, InspectConfig, KernelsConfig, ModelConfig, OptimConfig,
                               PruneConfig, SampleConfig, SparsityConfig, TrainConfig, register_configs, to_object)
 from sparse_lm.errors import UserError
 from sparse_lm.model import GPT
@@ -25,8 +25,11 @@ def compose_train(*overrides: str) -> Config:
         return to_object(compose("config", overrides=list(overrides)))
 
 
+TOOL_GROUPS = {"frontier"}  # groups of a tool's config, not of train.py's (test_frontier composes them)
+
+
 def group_options():
-    for group in sorted(p for p in CONF.iterdir() if p.is_dir()):
+    for group in sorted(p for p in CONF.iterdir() if p.is_dir() and p.name not in TOOL_GROUPS):
         for option in sorted(group.glob("*.yaml")):
             yield f"{group.name}={option.stem}"
 
@@ -83,7 +86,8 @@ def test_tool_configs_compose():
 
 SCHEMAS = {"model": ModelConfig, "data": DataConfig, "sparsity": SparsityConfig, "optim": OptimConfig, "train": TrainConfig,
            "kernels": KernelsConfig}
-TOOLS = {"sample.yaml": SampleConfig, "inspect.yaml": InspectConfig, "bench.yaml": BenchConfig, "prune.yaml": PruneConfig}
+TOOLS = {"sample.yaml": SampleConfig, "inspect.yaml": InspectConfig, "bench.yaml": BenchConfig, "prune.yaml": PruneConfig,
+         "frontier.yaml": FrontierConfig, **{f"frontier/{p.name}": FrontierConfig for p in (CONF / "frontier").glob("*.yaml")}}
 
 
 def repeated_defaults(values, schema, prefix: str) -> list[str]:

@@ -75,6 +75,11 @@ class TaskResult:
     seconds: float = 0.0
 
     @property
+    def passes_what_ran(self) -> bool:
+        """Trusted as far as the battery that ran can tell: a circuit whose only shortfall is checks or controls not run."""
+        return self.circuit.found and all(w.startswith(NOT_RUN) for w in self.why)
+
+    @property
     def seed_spread(self) -> dict | None:
         found = [c for c in self.seeds if c.found]
         if len(self.seeds) < 2:
@@ -108,6 +113,7 @@ def with_edges(circuit: Circuit, model: GPT, train: TaskData, test: TaskData, cf
 
 REQUIRED_CHECKS = ("sufficiency", "unseen_family", "necessity", "frozen_norms")
 REQUIRED_CONTROLS = ("random_init", "redrawn", "nonsense")
+NOT_RUN = "not run: "  # how `why` names the checks and controls that did not run
 
 
 def run_task(trained: Subject, controls: dict[str, Subject], train: TaskData, test: TaskData, unseen: TaskData | None,
@@ -175,7 +181,7 @@ def run_task(trained: Subject, controls: dict[str, Subject], train: TaskData, te
               [f"control {k} reaches the target" for k, c in res.controls.items() if c.passed]
     if main.found:
         missing = [k for k in REQUIRED_CHECKS if k not in res.checks] + [k for k in REQUIRED_CONTROLS if k not in res.controls]
-        res.why += [f"not run: {', '.join(missing)}"] if missing else []
+        res.why += [NOT_RUN + ", ".join(missing)] if missing else []
     res.trusted = main.found and not res.why
     res.seconds = round(time.time() - t0, 1)
     return res

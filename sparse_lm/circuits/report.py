@@ -43,6 +43,7 @@ def summary(results, cfg: PruneConfig) -> dict:
         "ablation": cfg.ablation.value, "frozen_norms": cfg.frozen_norms, "seeds": cfg.seeds, "conventions": asdict(cfg.edges),
         "geometric_mean_edges_trusted": geometric_mean([r.circuit.edges["total"] for r in trusted]),
         "trusted": [r.task for r in trusted],
+        "passes_what_ran": [r.task for r in results.tasks if r.passes_what_ran],  # trusted, if the battery was partial
         "geometric_mean_edges_all": geometric_mean([r.circuit.edges["total"] for r in solved]),
         "with_circuit": [r.task for r in solved],
         "not_solved_by_whole_model": [r.task for r in results.tasks if not r.circuit.solved],

@@ -1,0 +1,155 @@
+"""The frontier sweep: its grid, the matched-loss ratio on a hand-made table, and real runs through Hydra launchers."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from sparse_lm import checkpoint
+from sparse_lm.config import FrontierConfig, register_configs, to_object
+from sparse_lm.errors import UserError
+from sparse_lm.frontier import sweep
+from sparse_lm.frontier.grid import expand, point_yaml
+from sparse_lm.frontier.table import RunRow, interpolate, matched_ratios, points
+from sparse_lm.model import GPT
+from sparse_lm.sparsity import Sparsifier
+from tests.conftest import REPO, TINY
+
+CONF = REPO / "conf"
+register_configs()
+
+
+def test_the_grid_expands_as_documented():
+    cfg = FrontierConfig(name="t", sizes={"a": ["model.d_model=32"], "b": []}, densities=[0.25, 0.5], steps=7, seeds=[0, 3],
+                         dense_sizes=["b"], dense_steps=[3, 6])
+    pts = expand(cfg)
+    assert [p.name for p in pts] == ["a-d0.25-s0", "a-d0.25-s3", "a-d0.5-s0", "a-d0.5-s3", "b-d0.25-s0", "b-d0.25-s3",
+                                     "b-d0.5-s0", "b-d0.5-s3", "b-dense-3-s0", "b-dense-3-s3", "b-dense-6-s0", "b-dense-6-s3"]
+    assert pts[1].overrides == ("model.d_model=32", "sparsity.hidden_density=0.25", "train.max_steps=7", "train.seed=3")
+    assert (pts[-1].kind, pts[-1].density, pts[-1].steps) == ("dense", None, 6)
+    dense = OmegaConf.create(point_yaml(pts[-1]))
+    assert dense.defaults == [{"override /sparsity": "dense"}] and dense.train.max_steps == 6 and dense.name == "b-dense-6-s3"
+    assert "defaults" not in OmegaConf.create(point_yaml(pts[0])) and OmegaConf.create(point_yaml(pts[0])).model.d_model == 32
+    # dense_sizes=null: every size gets baselines
+    assert len(expand(FrontierConfig(name="t", sizes={"a": [], "b": []}, densities=[], dense_steps=[5]))) == 4
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(dense_sizes=["c"]), "dense_sizes: ['c'] are not among sizes"),
+    (dict(densities=[0.25, 0.25]), "the grid names two runs alike"),
+    (dict(train=["sparsity.hidden_density=0.1"]), "set what the grid sets per run"),
+    (dict(train=["model.d_model=16"]), "set what the grid sets per run"),
+    (dict(sizes={"a/b": []}), "label 'a/b' must be"),
+])
+def test_a_bad_grid_is_refused_by_field(change, message):
+    base = dict(name="t", sizes={"a": ["model.d_model=32"]}, densities=[0.25], dense_steps=[3])
+    with pytest.raises(UserError, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")):
+        expand(FrontierConfig(**{**base, **change}))
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (CONF / "frontier").glob("*.yaml")))
+def test_every_preset_composes_and_every_run_of_it_builds(preset):
+    """Each run's train.py config (shared overrides + its point) composes, and its densities fit the j-rule."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = to_object(compose("frontier", overrides=[f"frontier={preset}"]), FrontierConfig)
+        pts = expand(cfg)
+        assert len({p.seed for p in pts}) >= 2 and any(p.kind == "dense" for p in pts)
+        for p in pts:
+            dense = ["sparsity=dense"] if p.kind == "dense" else []
+            train = to_object(compose("config", overrides=[*cfg.train, *dense, *p.overrides]))
+            assert train.train.max_steps == p.steps and train.sparsity.enabled == (p.kind == "sparse")
+            with torch.device("meta"):
+                Sparsifier(GPT(train.model), train.sparsity, train.train.max_steps)
+
+
+def row(run, kind, loss, passing, seed=0):
+    return RunRow(run=f"{run}-s{seed}", kind=kind, size="x", density=0.1 if kind == "sparse" else None, seed=seed, steps=10,
+                  trained_steps=10, val_loss=loss, passing=passing)
+
+
+def test_the_matched_loss_ratio_on_a_hand_made_table():
+    # Dense: loss 4.0 with 1000 edges, 3.0 with 100 (two seeds each, equal), and one that passes only task t1.
+    rows = [row("dense-a", "dense", 4.0, {"t1": 1000, "t2": 1000}, s) for s in (0, 1)] + \
+           [row("dense-b", "dense", 3.0, {"t1": 100, "t2": 100}, s) for s in (0, 1)] + \
+           [row("dense-c", "dense", 3.5, {"t1": 5}, s) for s in (0, 1)] + \
+           [row("sp", "sparse", 3.5, {"t1": 10, "t2": 10}, 0), row("sp", "sparse", 3.5, {"t1": 40, "t2": 40, "t3": 1}, 1)] + \
+           [row("far", "sparse", 2.0, {"t1": 10}, 0)] + [row("none", "sparse", 3.5, {}, 0)]
+    # halfway in loss between 1000 and 100 edges, log-linear: sqrt(1000 * 100)
+    assert math.isclose(math.exp(interpolate([(3.0, math.log(100), "b"), (4.0, math.log(1000), "a")], 3.5)), 1000 ** 0.5 * 100 ** 0.5)
+    assert interpolate([(3.0, 1.0, "b"), (4.0, 2.0, "a")], 4.5) is None
+    ratios = {r.point: r for r in matched_ratios(rows)}
+    sp = ratios["sp"]
+    assert sp.tasks == ["t1", "t2"] and sp.dense_points == ["dense-b", "dense-a"]  # dense-c lacks t2: not on this curve
+    assert [round(x, 6) for x in sp.per_seed] == [round(10 / 316.227766, 6), round(40 / 316.227766, 6)]
+    assert math.isclose(sp.ratio, 20 / 316.227766, rel_tol=1e-9)  # geometric mean of the seeds
+    half = 12.706 * math.log(4) / math.sqrt(2) / math.sqrt(2)  # t(1) * sd of the two log ratios / sqrt(2)
+    assert math.isclose(sp.low, sp.ratio * math.exp(-half), rel_tol=1e-9) and math.isclose(sp.high, sp.ratio * math.exp(half), rel_tol=1e-9)
+    assert ratios["far"].ratio is None and "outside the dense curve" in ratios["far"].why
+    assert ratios["none"].ratio is None and ratios["none"].why == "no task passes in every seed"
+    assert {p.point: p.tasks for p in points(rows)}["sp"] == ["t1", "t2"]
+
+
+def frontier_cfg(tmp_path: Path, corpus: Path, **kw) -> FrontierConfig:
+    """Two tiny sparse runs of 4 steps (seeds 0 and 1), pruned on one task with one mask step."""
+    train = ["data=dir", f"data.path={corpus}", "train.eval_interval=2", "train.ckpt_interval=2",
+             *[o for o in TINY if not o.startswith("sparsity.hidden_density")]]
+    base = dict(name="t", sweep_dir=str(tmp_path / "sweep"), train=train, sizes={"s": []}, densities=[0.25], steps=4,
+                seeds=[0, 1], dense_steps=[], prune=["tasks=[single_double_quote]", "steps=2", "n_train=32", "n_test=16",
+                                                     "n_calib=16", "mean_sequences=4"])
+    return FrontierConfig(**{**base, **kw})
+
+
+def test_the_local_launcher_trains_and_prunes_two_real_runs_and_a_second_call_only_collects(tmp_path, corpus, capsys):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="hydra-submitit-launcher is not installed")
+    cfg = frontier_cfg(tmp_path, corpus, launcher="submitit_local", launcher_overrides=["hydra.launcher.timeout_min=10"])
+    sweep.run(cfg)
+    out = Path(cfg.sweep_dir)
+    runs = [out / "runs" / name for name in ("s-d0.25-s0", "s-d0.25-s1")]
+    finals = [checkpoint.latest(r / "checkpoints") for r in runs]
+    assert [checkpoint.step_of(c) for c in finals] == [4, 4]
+    assert list((out / "runs" / ".submitit").iterdir())  # the jobs went through submitit, as processes of their own
+    summaries = [json.loads((r / "circuits" / "step-000004" / "summary.json").read_text()) for r in runs]
+    assert all(s["tasks"][0]["task"] == "single_double_quote" for s in summaries)
+    table = json.loads((out / "frontier.json").read_text())
+    assert [r["run"] for r in table["runs"]] == ["s-d0.25-s0", "s-d0.25-s1"]
+    assert all(r["val_loss"] is not None and r["nonzero_params"] > 0 for r in table["runs"])
+    assert table["points"][0]["seeds"] == 2 and (out / "frontier.png").stat().st_size > 10_000
+    assert (out / "frontier.csv").read_text().splitlines()[0].startswith("run,kind,size,density,seed")
+    stamps = {p: p.stat().st_mtime_ns for r in runs for p in (r / "checkpoints" / "step-000004" / "model.pt",
+                                                              r / "circuits" / "step-000004" / "summary.json")}
+    capsys.readouterr()
+    sweep.run(cfg)
+    said = capsys.readouterr().out
+    assert "2 of 2 runs done, 0 to train" in said and "2 of 2 trained runs pruned, 0 to prune" in said
+    assert "$ " not in said  # no child command was started
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+def test_an_interrupted_run_is_resumed_not_restarted(tmp_path, corpus, capsys):
+    first = frontier_cfg(tmp_path, corpus, seeds=[0], stage="train")
+    first.train = [*first.train, "train.exit_interval=2"]  # stops at step 2 of 4, as a killed job would
+    sweep.run(first)
+    run = Path(first.sweep_dir) / "runs" / "s-d0.25-s0"
+    assert checkpoint.step_of(checkpoint.latest(run / "checkpoints")) == 2
+    capsys.readouterr()
+    sweep.run(frontier_cfg(tmp_path, corpus, seeds=[0], stage="train"))
+    assert "1 to train (1 resumed: s-d0.25-s0)" in capsys.readouterr().out
+    assert checkpoint.step_of(checkpoint.latest(run / "checkpoints")) == 4
+    assert "resumed from" in (run / "train.log").read_text()
+
+
+def test_the_command_collects_an_empty_sweep_without_training(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "sparse_lm.frontier", "frontier=cpu", f"sweep_dir={tmp_path / 'sw'}", "stage=collect"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "not finished (left out of the table's scores): d64-d0.25-s0" in proc.stdout
+    assert "no ratio: no task passes in every seed" in (tmp_path / "sw" / "summary.txt").read_text()
+    assert not (tmp_path / "sw" / "runs").exists()
