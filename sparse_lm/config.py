@@ -333,14 +333,14 @@ class FrontierConfig:
 
     name: str = MISSING  # the preset's name (frontier=cpu: "cpu")
     sweep_dir: str = "runs/frontier-${name}"
-    train: list[str] = field(default_factory=list)  # train.py overrides shared by every run (preset, data, lr, ...)
+    train_overrides: list[str] = field(default_factory=list)  # train.py overrides shared by every run (preset, data, ...)
     sizes: dict[str, list[str]] = field(default_factory=dict)  # size label -> train.py overrides (model.d_model=...)
     densities: list[float] = ranged(**DENSITY, factory=list)  # sparsity.hidden_density of the sparse runs
     steps: int = ranged(1000, 1)  # train.max_steps of the sparse runs
     seeds: list[int] = ranged(lo=0, factory=lambda: [0, 1])  # train.seed: every point is trained once per seed
     dense_sizes: Optional[list[str]] = None  # sizes that get dense baselines (null: every size)
     dense_steps: list[int] = ranged(lo=1, factory=list)  # train.max_steps of the dense baselines
-    prune: list[str] = field(default_factory=list)  # sparse_lm.prune overrides for every final checkpoint (tasks, controls)
+    prune_overrides: list[str] = field(default_factory=list)  # sparse_lm.prune overrides for every final checkpoint
     # Hydra launcher of the training and pruning jobs: basic (one after another, here), submitit_local (parallel
     # processes), submitit_slurm (cluster jobs); hydra.launcher.* settings go in launcher_overrides.
     launcher: str = "basic"

@@ -45,8 +45,8 @@ def test_the_grid_expands_as_documented():
 @pytest.mark.parametrize("change, message", [
     (dict(dense_sizes=["c"]), "dense_sizes: ['c'] are not among sizes"),
     (dict(densities=[0.25, 0.25]), "the grid names two runs alike"),
-    (dict(train=["sparsity.hidden_density=0.1"]), "set what the grid sets per run"),
-    (dict(train=["model.d_model=16"]), "set what the grid sets per run"),
+    (dict(train_overrides=["sparsity.hidden_density=0.1"]), "set what the grid sets per run"),
+    (dict(train_overrides=["model.d_model=16"]), "set what the grid sets per run"),
     (dict(sizes={"a/b": []}), "label 'a/b' must be"),
 ])
 def test_a_bad_grid_is_refused_by_field(change, message):
@@ -64,7 +64,7 @@ def test_every_preset_composes_and_every_run_of_it_builds(preset):
         assert len({p.seed for p in pts}) >= 2 and any(p.kind == "dense" for p in pts)
         for p in pts:
             dense = ["sparsity=dense"] if p.kind == "dense" else []
-            train = to_object(compose("config", overrides=[*cfg.train, *dense, *p.overrides]))
+            train = to_object(compose("config", overrides=[*cfg.train_overrides, *dense, *p.overrides]))
             assert train.train.max_steps == p.steps and train.sparsity.enabled == (p.kind == "sparse")
             with torch.device("meta"):
                 Sparsifier(GPT(train.model), train.sparsity, train.train.max_steps)
@@ -101,8 +101,8 @@ def frontier_cfg(tmp_path: Path, corpus: Path, **kw) -> FrontierConfig:
     """Two tiny sparse runs of 4 steps (seeds 0 and 1), pruned on one task with one mask step."""
     train = ["data=dir", f"data.path={corpus}", "train.eval_interval=2", "train.ckpt_interval=2",
              *[o for o in TINY if not o.startswith("sparsity.hidden_density")]]
-    base = dict(name="t", sweep_dir=str(tmp_path / "sweep"), train=train, sizes={"s": []}, densities=[0.25], steps=4,
-                seeds=[0, 1], dense_steps=[], prune=["tasks=[single_double_quote]", "steps=2", "n_train=32", "n_test=16",
+    base = dict(name="t", sweep_dir=str(tmp_path / "sweep"), train_overrides=train, sizes={"s": []}, densities=[0.25], steps=4,
+                seeds=[0, 1], dense_steps=[], prune_overrides=["tasks=[single_double_quote]", "steps=2", "n_train=32", "n_test=16",
                                                      "n_calib=16", "mean_sequences=4"])
     return FrontierConfig(**{**base, **kw})
 
@@ -135,7 +135,7 @@ def test_the_local_launcher_trains_and_prunes_two_real_runs_and_a_second_call_on
 
 def test_an_interrupted_run_is_resumed_not_restarted(tmp_path, corpus, capsys):
     first = frontier_cfg(tmp_path, corpus, seeds=[0], stage="train")
-    first.train = [*first.train, "train.exit_interval=2"]  # stops at step 2 of 4, as a killed job would
+    first.train_overrides = [*first.train_overrides, "train.exit_interval=2"]  # stops at step 2 of 4, as a killed job would
     sweep.run(first)
     run = Path(first.sweep_dir) / "runs" / "s-d0.25-s0"
     assert checkpoint.step_of(checkpoint.latest(run / "checkpoints")) == 2

@@ -23,6 +23,10 @@ PRUNE_SMALL = ["steps=10", "n_train=32", "n_test=16", "n_calib=16"]
 BENCH_SMALL = ["warmup_ms=1", "rep_ms=5", "densities=[0.1]", "cpu_tokens=128", "cpu_shapes=[[64,32]]", "cpu_abstopk_dims=[64]",
                "cpu_select_shape=[64,64]", "train_steps=1", "cpu_compare_steps=2",
                "cpu_train_overrides=['preset=tiny','model.n_layer=1','train.batch_size=2']"]
+# Two width-1-layer runs and one dense baseline of 4 steps (every size of the preset), pruned on one task.
+FRONTIER_SMALL = ["steps=4", "densities=[0.25]", "seeds=[0]", "dense_steps=[4]",
+                  "train_overrides=['preset=tiny','model.n_layer=1','train.eval_interval=2','train.ckpt_interval=2','train.eval_sequences=8']",
+                  "prune_overrides=['tasks=[single_double_quote]','steps=10','n_train=32','n_test=16','n_calib=16','controls=[random_init,nonsense]']"]
 VERSUS_SMALL = ["versus_steps=2", "versus_noise_steps=1", "versus_check_every=1"]
 
 # README command (as shlex splits it, without its comment) -> extra arguments, or the reason it is not run.
@@ -40,6 +44,11 @@ COMMANDS: dict[str, list[str] | str] = {
     "python -m sparse_lm.prune checkpoint=runs/tiny tasks=all": [],
     "python -m sparse_lm.prune runs/tiny tasks=[bracket_counting] controls=[random_init] out_dir=runs/tiny/circuits/control": PRUNE_SMALL,
     "python -m sparse_lm.prune runs/tiny tasks=[dict_key_quote] controls=all seeds=3 out_dir=runs/tiny/circuits/battery": PRUNE_SMALL,
+    "python -m sparse_lm.frontier frontier=cpu": FRONTIER_SMALL,
+    "python -m sparse_lm.frontier frontier=cpu stage=collect": FRONTIER_SMALL,  # the same sweep: nothing to launch
+    "python -m sparse_lm.frontier frontier=cpu launcher=submitit_local": FRONTIER_SMALL,
+    "python -m sparse_lm.frontier frontier=paper launcher=submitit_slurm launcher_overrides=[hydra.launcher.partition=gpu,hydra.launcher.gpus_per_node=8,hydra.launcher.timeout_min=4320]":
+        "needs a Slurm cluster and GPUs (the same code runs through submitit_local above)",
     "python train.py train.max_steps=1000 optim.lr=0.02 name=tiny-long": SMALL,
     "python train.py preset=paper train.micro_batch_size=16 name=paper-mb16": PAPER_SMALL,
     "python train.py sparsity=dense name=tiny-dense": SMALL,
@@ -115,5 +124,9 @@ def test_readme_commands_run_as_printed(tmp_path, cache_dir):
     assert [t["task"] for t in control["tasks"]] == ["bracket_counting"]
     assert (runs / "tiny" / "circuits" / "battery" / "dict_key_quote.json").is_file()
     assert "max_steps" in out["python train.py --cfg job"]
+    frontier = json.loads((runs / "frontier-cpu" / "frontier.json").read_text())
+    assert [r["run"] for r in frontier["runs"]] == ["d64-d0.25-s0", "d128-d0.25-s0", "d128-dense-4-s0"]
+    assert all(r["val_loss"] is not None and r["battery"] for r in frontier["runs"])
+    assert "3 of 3 runs done, 0 to train" in out["python -m sparse_lm.frontier frontier=cpu launcher=submitit_local"]
     if not has_baseline:
         pytest.skip("git history without 3f6f79b (a shallow clone): the versus command was not run")

@@ -47,9 +47,9 @@ def expand(cfg: FrontierConfig) -> list[Point]:
             raise UserError(f"sizes: label {label!r} must be letters, digits, '.' or '_' (it names run directories)")
     grid_keys = {"name", "sparsity", "sparsity.hidden_density", "train.max_steps", "train.seed"} | {
         o.split("=", 1)[0] for extra in cfg.sizes.values() for o in extra}
-    clash = [o for o in cfg.train if o.split("=", 1)[0].lstrip("+~") in grid_keys]
+    clash = [o for o in cfg.train_overrides if o.split("=", 1)[0].lstrip("+~") in grid_keys]
     if clash:  # a command-line value would silently win over every run's own
-        raise UserError(f"train: {clash} set what the grid sets per run (sizes, densities, steps, seeds, dense); "
+        raise UserError(f"train_overrides: {clash} set what the grid sets per run (sizes, densities, steps, seeds, dense); "
                         f"change the grid instead")
     points = []
     for size, extra in cfg.sizes.items():

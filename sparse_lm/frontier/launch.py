@@ -47,7 +47,7 @@ def sweep_list(values: list[str]) -> str:
 
 def hydra_run(cmd: list[str], what: str, log) -> None:
     log(f"$ {' '.join(cmd)}")
-    proc = subprocess.run(cmd, cwd=REPO)
+    proc = subprocess.run(cmd)  # in the caller's directory: relative paths in the overrides mean what they say
     if proc.returncode != 0:
         log(f"{what}: the multirun exited with {proc.returncode}; the runs that finished are kept")
 
@@ -63,7 +63,7 @@ def train_missing(cfg: FrontierConfig, points: list[Point], sweep: Path, log=pri
     conf = write_points(points, sweep)
     cmd = [sys.executable, str(REPO / "train.py"), "--multirun", f"hydra/launcher={cfg.launcher}",
            f"hydra.searchpath=[file://{conf.resolve()}]", f"hydra.sweep.dir={(sweep / 'runs').resolve()}",
-           "hydra.sweep.subdir=${name}", "train.resume=auto", *cfg.train, *cfg.launcher_overrides,
+           "hydra.sweep.subdir=${name}", "train.resume=auto", *cfg.train_overrides, *cfg.launcher_overrides,
            f"+{GROUP}={sweep_list([p.name for p in todo])}"]
     hydra_run(cmd, "training", log)
     return todo
@@ -76,11 +76,11 @@ def prune_missing(cfg: FrontierConfig, points: list[Point], sweep: Path, log=pri
     log(f"pruning: {len(finals) - len(todo)} of {len(finals)} trained runs pruned, {len(todo)} to prune")
     if not todo:
         return []
-    for option in cfg.prune:
+    for option in cfg.prune_overrides:
         if option.split("=", 1)[0].lstrip("+") in ("checkpoint", "out_dir", "overwrite"):
-            raise UserError(f"prune: {option!r} is set by the frontier per run; leave it out")
+            raise UserError(f"prune_overrides: {option!r} is set by the frontier per run; leave it out")
     cmd = [sys.executable, "-m", "sparse_lm.prune", "--multirun", f"hydra/launcher={cfg.launcher}",
-           f"hydra.sweep.dir={(sweep / 'prune-jobs').resolve()}", *cfg.prune, *cfg.launcher_overrides,
+           f"hydra.sweep.dir={(sweep / 'prune-jobs').resolve()}", *cfg.prune_overrides, *cfg.launcher_overrides,
            f"checkpoint={sweep_list([str(c) for c in todo])}"]
     hydra_run(cmd, "pruning", log)
     return todo
