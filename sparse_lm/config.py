@@ -323,6 +323,14 @@ class PruneConfig:
     edges: EdgeConventions = field(default_factory=EdgeConventions)
 
 
+class Stage(Enum):
+    """How far `python -m sparse_lm.frontier` goes."""
+
+    all = "all"  # train what is missing, prune what is unpruned, collect
+    train = "train"  # train what is missing, collect (no pruning)
+    collect = "collect"  # the table and picture of what exists (no training, no pruning)
+
+
 @dataclass
 class FrontierConfig:
     """`python -m sparse_lm.frontier frontier=cpu`: train a grid of runs, prune each, plot loss against circuit size.
@@ -345,7 +353,7 @@ class FrontierConfig:
     # processes), submitit_slurm (cluster jobs); hydra.launcher.* settings go in launcher_overrides.
     launcher: str = "basic"
     launcher_overrides: list[str] = field(default_factory=list)
-    stage: str = "all"  # all | train (train only) | collect (no training, no pruning: the table of what exists)
+    stage: Stage = Stage.all
 
 
 @dataclass

@@ -23,7 +23,7 @@ PRUNE_SMALL = ["steps=10", "n_train=32", "n_test=16", "n_calib=16"]
 BENCH_SMALL = ["warmup_ms=1", "rep_ms=5", "densities=[0.1]", "cpu_tokens=128", "cpu_shapes=[[64,32]]", "cpu_abstopk_dims=[64]",
                "cpu_select_shape=[64,64]", "train_steps=1", "cpu_compare_steps=2",
                "cpu_train_overrides=['preset=tiny','model.n_layer=1','train.batch_size=2']"]
-# Two width-1-layer runs and one dense baseline of 4 steps (every size of the preset), pruned on one task.
+# One-layer runs of 4 steps: a sparse run of each size and one dense baseline, pruned on one task.
 FRONTIER_SMALL = ["steps=4", "densities=[0.25]", "seeds=[0]", "dense_steps=[4]",
                   "train_overrides=['preset=tiny','model.n_layer=1','train.eval_interval=2','train.ckpt_interval=2','train.eval_sequences=8']",
                   "prune_overrides=['tasks=[single_double_quote]','steps=10','n_train=32','n_test=16','n_calib=16','controls=[random_init,nonsense]']"]
@@ -47,7 +47,7 @@ COMMANDS: dict[str, list[str] | str] = {
     "python -m sparse_lm.frontier frontier=cpu": FRONTIER_SMALL,
     "python -m sparse_lm.frontier frontier=cpu stage=collect": FRONTIER_SMALL,  # the same sweep: nothing to launch
     "python -m sparse_lm.frontier frontier=cpu launcher=submitit_local": FRONTIER_SMALL,
-    "python -m sparse_lm.frontier frontier=paper launcher=submitit_slurm launcher_overrides=[hydra.launcher.partition=gpu,hydra.launcher.gpus_per_node=8,hydra.launcher.timeout_min=4320]":
+    "python -m sparse_lm.frontier frontier=paper launcher=submitit_slurm launcher_overrides=[hydra.launcher.partition=gpu,hydra.launcher.gpus_per_node=1,hydra.launcher.timeout_min=4320]":
         "needs a Slurm cluster and GPUs (the same code runs through submitit_local above)",
     "python train.py train.max_steps=1000 optim.lr=0.02 name=tiny-long": SMALL,
     "python train.py preset=paper train.micro_batch_size=16 name=paper-mb16": PAPER_SMALL,

@@ -35,15 +35,12 @@ import time
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.initialize import get_gh_backup, restore_gh_from_backup
-
 import sparse_lm
+from sparse_lm.cli import CHECKOUT, compose_fresh
 from sparse_lm.hostmem import KEEP, set_malloc
 from sparse_lm.config import BenchConfig
 
-REPO = Path(sparse_lm.__file__).resolve().parents[1]
+REPO = CHECKOUT
 GLIBC_DEFAULT = (32 << 20, 64 << 20)  # where malloc's dynamic mmap and trim thresholds settle on 64-bit Linux
 
 
@@ -64,13 +61,7 @@ def import_revision(rev: str, name: str = "sparse_lm_baseline") -> tuple[object,
 def compose_in(conf_dir: Path, package, overrides: list[str]):
     """Compose `conf_dir`'s config with `package`'s schemas, inside or outside a running Hydra app."""
     package.config.register_configs()  # the ConfigStore is global: each side registers its schemas just before composing
-    backup = get_gh_backup()
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
-            return package.config.to_object(compose("config", overrides=overrides))
-    finally:
-        restore_gh_from_backup(backup)
+    return package.config.to_object(compose_fresh(conf_dir, "config", overrides))
 
 
 class Side:

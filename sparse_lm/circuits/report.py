@@ -22,8 +22,9 @@ from sparse_lm.fsutil import write_json
 from sparse_lm.model import GPT
 
 
-def _f(v, fmt="{:.3f}") -> str:
-    return "-" if v is None else fmt.format(v)
+def fmt(v, spec="{:.3f}") -> str:
+    """A number for a table, "-" for a missing one."""
+    return "-" if v is None else spec.format(v)
 
 
 def task_line(res: TaskResult, cfg: PruneConfig) -> str:
@@ -73,9 +74,9 @@ def format_summary(s: dict) -> str:
         short = {"sufficiency": "suff", "unseen_family": "unseen", "necessity": "nec", "frozen_norms": "frozen"}
         checks = " ".join(f"{short[k]}{'' if ok else ':NO'}" for k, ok in r["checks"].items()) or "-"
         ctrl = {k: ("PASSES" if v else "fails") for k, v in r["controls"].items()}
-        unseen = f"{_f(r['unseen_full_loss'])}/{_f(r['unseen_circuit_loss'])}"
-        lines.append(f"{r['task']:<28} {r['full_loss']:>6.3f} {_f(r['circuit_loss']):>8} {_f(r['circuit_calibrated_loss']):>7} "
-                     f"{unseen:>13} {_f(r['nodes'], '{}'):>6} {_f(r['edges'], '{}'):>6}  {checks:<27} {ctrl.get('random_init', '-'):<12} "
+        unseen = f"{fmt(r['unseen_full_loss'])}/{fmt(r['unseen_circuit_loss'])}"
+        lines.append(f"{r['task']:<28} {r['full_loss']:>6.3f} {fmt(r['circuit_loss']):>8} {fmt(r['circuit_calibrated_loss']):>7} "
+                     f"{unseen:>13} {fmt(r['nodes'], '{}'):>6} {fmt(r['edges'], '{}'):>6}  {checks:<27} {ctrl.get('random_init', '-'):<12} "
                      f"{ctrl.get('redrawn', '-'):<12} {ctrl.get('nonsense', '-'):<12} "
                      + ("yes" if r["trusted"] else "no: " + "; ".join(r["why"])))
     variants = [r for r in s["tasks"] if r["ablations"] or r["seeds"]]
@@ -83,17 +84,17 @@ def format_summary(s: dict) -> str:
         lines.append("")
         lines.append(f"{'task':<28} {'edges under other ablations':<32} edges over mask seeds: median [min, max], mean Jaccard of node sets")
         for r in variants:
-            abl = ", ".join(f"{k} {_f(v, '{}')}" for k, v in r["ablations"].items()) or "-"
+            abl = ", ".join(f"{k} {fmt(v, '{}')}" for k, v in r["ablations"].items()) or "-"
             sp = r["seeds"]
-            seeds = "-" if not sp else (f"{_f(sp['median_edges'], '{:g}')} [{_f(sp['min_edges'], '{}')}, {_f(sp['max_edges'], '{}')}], "
-                                        f"J {_f(sp['mean_jaccard'], '{:.2f}')} ({sp['found']}/{sp['seeds']} seeds found one)")
+            seeds = "-" if not sp else (f"{fmt(sp['median_edges'], '{:g}')} [{fmt(sp['min_edges'], '{}')}, {fmt(sp['max_edges'], '{}')}], "
+                                        f"J {fmt(sp['mean_jaccard'], '{:.2f}')} ({sp['found']}/{sp['seeds']} seeds found one)")
             lines.append(f"{r['task']:<28} {abl:<32} {seeds}")
     lines.append("")
     gm_t, gm_a = s["geometric_mean_edges_trusted"], s["geometric_mean_edges_all"]
-    lines.append(f"geometric mean of edges over {len(s['trusted'])} trusted circuit(s): {_f(gm_t, '{:.1f}')}"
+    lines.append(f"geometric mean of edges over {len(s['trusted'])} trusted circuit(s): {fmt(gm_t, '{:.1f}')}"
                  + ("" if gm_t else " (no trusted circuit: no score)"))
     lines.append(f"geometric mean of edges over all {len(s['with_circuit'])} circuit(s) on tasks the whole model solves, trusted or not: "
-                 f"{_f(gm_a, '{:.1f}')}")
+                 f"{fmt(gm_a, '{:.1f}')}")
     if s["not_solved_by_whole_model"]:
         lines.append(f"not solved by the whole model (no circuit searched): {', '.join(s['not_solved_by_whole_model'])}")
     for task, why in s["unusable_with_tokenizer"].items():

@@ -12,7 +12,7 @@ import statistics
 from pathlib import Path
 
 from sparse_lm.circuits.battery import geometric_mean
-from sparse_lm.frontier.table import PointRow, RunRow, point_key
+from sparse_lm.frontier.table import PointRow, RunRow
 
 
 def draw(pts: list[PointRow], rows: list[RunRow], path: Path, title: str) -> None:
@@ -40,7 +40,7 @@ def draw(pts: list[PointRow], rows: list[RunRow], path: Path, title: str) -> Non
         for p in members:
             if p.gm_edges is not None or p.val_loss is None:
                 continue
-            every = [e for r in rows if point_key(r) == p.point for e in r.circuits.values()]
+            every = [e for r in rows if r.point == p.point for e in r.circuits.values()]
             if every:
                 ax.plot([geometric_mean(every)], [p.val_loss], "o", mfc="none", color=color)
             else:

@@ -3,7 +3,7 @@
 A run's score is the geometric mean of circuit edges over the tasks whose circuits pass the battery the prune ran
 (`passes_what_ran` in its summary.json: with controls=all and check=true that is "trusted"). Comparing two models
 means comparing them on the same tasks, so the ratio at matched loss uses, for each sparse point, the tasks every one
-of its seeds passes, and a dense curve made of the dense points whose every seed passes those tasks too.
+of its seeds passes, and the dense frontier of the dense points whose every seed passes them too (docs/frontier.md).
 """
 
 from __future__ import annotations
@@ -15,19 +15,26 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from sparse_lm import checkpoint
-from sparse_lm.circuits.battery import geometric_mean
+from sparse_lm.circuits.battery import controls_asked, geometric_mean
 from sparse_lm.circuits.prune import default_output_dir
+from sparse_lm.config import PruneConfig
 from sparse_lm.frontier.grid import Point
 from sparse_lm.metrics import read_metrics
 from sparse_lm.roles import role
 
-# Two-sided 95% quantiles of Student's t for 1..10 degrees of freedom (beyond: the normal 1.96 is within 12%).
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+# Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (beyond: the normal's 1.96, within 4%).
+T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+       2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+def t95(df: int) -> float:
+    return T95[df - 1] if df <= len(T95) else 1.96
 
 
 @dataclass
 class RunRow:
     run: str
+    point: str  # the grid point it is one seed of
     kind: str
     size: str
     density: float | None
@@ -36,12 +43,13 @@ class RunRow:
     trained_steps: int | None = None  # the latest checkpoint's step (None: not started)
     val_loss: float | None = None  # at the final step
     nonzero_params: int | None = None  # nonzero weights, embeddings and biases (not gains, sinks or the bigram table)
+    pruned: bool = False
     tasks_solved: list[str] = field(default_factory=list)  # by the whole model
     circuits: dict[str, int] = field(default_factory=dict)  # task -> edges of every circuit found, passing or not
     passing: dict[str, int] = field(default_factory=dict)  # task -> edges of the circuits that pass the battery run
     gm_edges: float | None = None  # geometric mean over `passing`
     gm_edges_all: float | None = None  # over `circuits`
-    battery: str = ""  # the checks and controls that ran
+    battery: str = ""  # the tasks, checks and controls the prune ran
 
 
 def nonzero_params(ckpt: Path) -> int:
@@ -50,18 +58,22 @@ def nonzero_params(ckpt: Path) -> int:
 
 
 def battery_run(summary: dict, config: dict) -> str:
-    controls = config.get("controls", [])
-    asked = "all" if controls == "all" else ", ".join(controls) or "none"
-    return f"controls={asked}, checks={'on' if config.get('check', True) else 'off'}, seeds={summary.get('seeds')}"
+    """What a prune ran, from its summary (and its run.json config, when it has one)."""
+    tasks = len(summary["tasks"]) + len(summary["unusable_with_tokenizer"])
+    if not config:
+        return f"{tasks} tasks, battery unknown (no run.json)"
+    asked = sorted(controls_asked(PruneConfig(checkpoint="?", controls=config.get("controls", []))))
+    return (f"{tasks} tasks, controls={','.join(asked) or 'none'}, checks={'on' if config.get('check', True) else 'off'}, "
+            f"mask seeds={summary.get('seeds')}")
 
 
 def run_row(point: Point, sweep: Path) -> RunRow:
-    row = RunRow(point.name, point.kind, point.size, point.density, point.seed, point.steps)
+    row = RunRow(point.name, point.group, point.kind, point.size, point.density, point.seed, point.steps)
     ckpt = checkpoint.latest(point.run_dir(sweep) / "checkpoints")
     if ckpt is None:
         return row
     row.trained_steps = checkpoint.step_of(ckpt)
-    if row.trained_steps < point.steps:
+    if row.trained_steps != point.steps:
         return row
     finals = [r["val_loss"] for r in read_metrics(point.run_dir(sweep) / "metrics.jsonl") if r.get("step") == point.steps and "val_loss" in r]
     row.val_loss = finals[-1] if finals else None
@@ -69,8 +81,9 @@ def run_row(point: Point, sweep: Path) -> RunRow:
     out = default_output_dir(ckpt)
     if not (out / "summary.json").exists():
         return row
+    row.pruned = True
     summary = json.loads((out / "summary.json").read_text())
-    config = json.loads((out / "run.json").read_text()).get("config", {})
+    config = json.loads((out / "run.json").read_text()).get("config", {}) if (out / "run.json").exists() else {}
     row.battery = battery_run(summary, config)
     passing = set(summary.get("passes_what_ran", summary["trusted"]))
     for t in summary["tasks"]:
@@ -89,12 +102,13 @@ def run_row(point: Point, sweep: Path) -> RunRow:
 class PointRow:
     """One grid point over its seeds."""
 
-    point: str  # the run name without its seed
+    point: str
     kind: str
     size: str
     density: float | None
     steps: int
     seeds: int
+    seeds_pruned: int  # seeds trained to the end and pruned
     val_loss: float | None  # mean over the seeds that finished
     val_loss_sd: float | None
     nonzero_params: float | None
@@ -102,11 +116,7 @@ class PointRow:
     gm_edges_min: float | None
     gm_edges_max: float | None
     seeds_scored: int  # seeds with at least one passing circuit
-    tasks: list[str]  # tasks passing in every seed
-
-
-def point_key(row: RunRow) -> str:
-    return row.run.rsplit("-s", 1)[0]
+    tasks: list[str]  # tasks passing in every seed (empty until every seed is pruned)
 
 
 def mean_sd(values: list[float]) -> tuple[float | None, float | None]:
@@ -115,18 +125,22 @@ def mean_sd(values: list[float]) -> tuple[float | None, float | None]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
-def points(rows: list[RunRow]) -> list[PointRow]:
+def group(rows: list[RunRow]) -> dict[str, list[RunRow]]:
     groups: dict[str, list[RunRow]] = {}
     for r in rows:
-        groups.setdefault(point_key(r), []).append(r)
+        groups.setdefault(r.point, []).append(r)
+    return groups
+
+
+def points(rows: list[RunRow]) -> list[PointRow]:
     out = []
-    for key, rs in groups.items():
+    for key, rs in group(rows).items():
         losses = [r.val_loss for r in rs if r.val_loss is not None]
         scores = [r.gm_edges for r in rs if r.gm_edges is not None]
         nz = [r.nonzero_params for r in rs if r.nonzero_params is not None]
-        common = set.intersection(*(set(r.passing) for r in rs)) if rs else set()
+        common = set.intersection(*(set(r.passing) for r in rs)) if all(r.pruned for r in rs) else set()
         loss, sd = mean_sd(losses)
-        out.append(PointRow(key, rs[0].kind, rs[0].size, rs[0].density, rs[0].steps, len(rs), loss, sd,
+        out.append(PointRow(key, rs[0].kind, rs[0].size, rs[0].density, rs[0].steps, len(rs), sum(r.pruned for r in rs), loss, sd,
                             statistics.fmean(nz) if nz else None, geometric_mean(scores) if scores else None,
                             min(scores) if scores else None, max(scores) if scores else None, len(scores), sorted(common)))
     return out
@@ -138,70 +152,74 @@ class Ratio:
 
     point: str
     tasks: list[str]
-    dense_points: list[str]  # the dense curve it was read from
+    dense_points: list[str]  # the dense frontier it was read from, by loss
     ratio: float | None = None  # geometric mean over seeds of the per-seed ratios
     low: float | None = None  # 95% interval over seeds (t on the log ratios)
     high: float | None = None
-    per_seed: list[float] = field(default_factory=list)
+    per_seed: dict[int, float] = field(default_factory=dict)  # seed -> its ratio
+    left_out: list[int] = field(default_factory=list)  # seeds whose loss lies outside the dense frontier's range
     why: str = ""  # why there is no ratio
 
 
-def dense_curve(dense: list[PointRow], rows: list[RunRow], tasks: list[str]) -> list[tuple[float, float, str]]:
-    """(mean loss, mean log gm edges over `tasks`) of each dense point whose every finished seed passes `tasks`,
-    ordered by loss."""
+def dense_frontier(rows: list[RunRow], tasks: list[str]) -> list[tuple[float, float, str]]:
+    """(mean loss, mean log geometric-mean edges over `tasks`) of the dense points all of whose seeds are pruned and
+    pass `tasks`, keeping only the frontier: a point stays if no point of lower (or equal) loss has fewer edges.
+    Ordered by loss; log edges then fall as loss rises, whatever mix of sizes and lengths it came from."""
     curve = []
-    for p in dense:
-        seeds = [r for r in rows if point_key(r) == p.point and r.val_loss is not None]
-        if not seeds or not all(set(tasks) <= set(r.passing) for r in seeds):
+    for key, rs in group(rows).items():
+        if rs[0].kind != "dense" or not all(r.pruned and r.val_loss is not None and set(tasks) <= set(r.passing) for r in rs):
             continue
-        logs = [math.log(geometric_mean([r.passing[t] for t in tasks])) for r in seeds]
-        curve.append((statistics.fmean(r.val_loss for r in seeds), statistics.fmean(logs), p.point))
-    return sorted(curve)
+        logs = [math.log(geometric_mean([r.passing[t] for t in tasks])) for r in rs]
+        curve.append((statistics.fmean(r.val_loss for r in rs), statistics.fmean(logs), key))
+    frontier = []
+    for loss, edges, key in sorted(curve):
+        if not frontier or edges < frontier[-1][1]:
+            frontier.append((loss, edges, key))
+    return frontier
 
 
 def interpolate(curve: list[tuple[float, float, str]], loss: float) -> float | None:
-    """Log edges of the dense curve at `loss` (linear in loss between the two points around it; None outside)."""
+    """Log edges of the curve at `loss` (linear in loss between the two points around it; None outside)."""
     for (l0, e0, _), (l1, e1, _) in zip(curve, curve[1:]):
         if l0 <= loss <= l1:
             return e0 if l1 == l0 else e0 + (e1 - e0) * (loss - l0) / (l1 - l0)
     return None
 
 
+def matched_ratio(key: str, seeds: list[RunRow], rows: list[RunRow]) -> Ratio:
+    unready = [r.seed for r in seeds if not r.pruned]
+    if unready:
+        return Ratio(key, [], [], why=f"seed(s) {unready} not trained to the end and pruned yet")
+    tasks = sorted(set.intersection(*(set(r.passing) for r in seeds)))
+    res = Ratio(key, tasks, [])
+    if not tasks:
+        res.why = "no task passes in every seed"
+        return res
+    curve = dense_frontier(rows, tasks)
+    res.dense_points = [name for _, _, name in curve]
+    if len(curve) < 2:
+        res.why = f"the dense frontier on {', '.join(tasks)} has {len(curve)} point(s) whose every seed passes them; it needs 2"
+        return res
+    for r in seeds:
+        at = interpolate(curve, r.val_loss)
+        if at is None:
+            res.left_out.append(r.seed)
+        else:
+            res.per_seed[r.seed] = geometric_mean([r.passing[t] for t in tasks]) / math.exp(at)
+    if not res.per_seed:
+        res.why = f"every seed's loss lies outside the dense frontier's range ({curve[0][0]:.3f}–{curve[-1][0]:.3f}); no extrapolation"
+        return res
+    logs = [math.log(x) for x in res.per_seed.values()]
+    res.ratio = math.exp(statistics.fmean(logs))
+    if len(logs) > 1:
+        half = t95(len(logs) - 1) * statistics.stdev(logs) / math.sqrt(len(logs))
+        res.low, res.high = res.ratio * math.exp(-half), res.ratio * math.exp(half)
+    return res
+
+
 def matched_ratios(rows: list[RunRow]) -> list[Ratio]:
-    table = points(rows)
-    dense = [p for p in table if p.kind == "dense"]
-    out = []
-    for p in (p for p in table if p.kind == "sparse"):
-        seeds = [r for r in rows if point_key(r) == p.point and r.val_loss is not None]
-        res = Ratio(p.point, p.tasks, [])
-        if not p.tasks:
-            res.why = "no task passes in every seed"
-            out.append(res)
-            continue
-        curve = dense_curve(dense, rows, p.tasks)
-        res.dense_points = [name for _, _, name in curve]
-        if len(curve) < 2:
-            res.why = f"{len(curve)} dense point(s) pass {', '.join(p.tasks)} in every seed; a curve needs 2"
-            out.append(res)
-            continue
-        for r in seeds:
-            at = interpolate(curve, r.val_loss)
-            if at is not None:
-                res.per_seed.append(geometric_mean([r.passing[t] for t in p.tasks]) / math.exp(at))
-        if not res.per_seed:
-            res.why = (f"its loss lies outside the dense curve's range ({curve[0][0]:.3f}–{curve[-1][0]:.3f}); "
-                       f"no extrapolation")
-            out.append(res)
-            continue
-        logs = [math.log(x) for x in res.per_seed]
-        res.ratio = math.exp(statistics.fmean(logs))
-        if len(logs) > 1:
-            half = T95.get(len(logs) - 1, 1.96) * statistics.stdev(logs) / math.sqrt(len(logs))
-            res.low, res.high = res.ratio * math.exp(-half), res.ratio * math.exp(half)
-        out.append(res)
-    return out
+    return [matched_ratio(key, rs, rows) for key, rs in group(rows).items() if rs[0].kind == "sparse"]
 
 
 def as_dicts(items) -> list[dict]:
     return [asdict(x) for x in items]
-
