@@ -9,6 +9,7 @@ what they change, and numeric fields carry their valid range, checked before any
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
 from typing import Any, Optional
@@ -93,6 +94,10 @@ class ModelConfig:
     d_head: int = ranged(16, 1)  # n_head = d_model // d_head
     d_mlp: int = ranged(4096, 1)
     norm: Norm = Norm.rms
+    # None: torch's default, the reference's (RMSNorm: the dtype's machine epsilon; LayerNorm: 1e-5). Checkpoints made
+    # before this field existed were trained with 1e-6 and load with it (load_yaml).
+    norm_eps: Optional[float] = ranged(None, **POSITIVE)
+    bias: bool = True  # biases in c_attn, c_proj and c_fc (the reference's `bias`)
     activation: Activation = Activation.gelu
     pos_emb: PosEmb = PosEmb.none
     attn_sink: bool = True
@@ -423,6 +428,9 @@ def known_keys(raw, schema_node) -> tuple[dict, list[str]]:
     return kept, dropped
 
 
+LEGACY_NORM_EPS = 1e-6  # the norm epsilon of every checkpoint written before model.norm_eps existed
+
+
 def load_yaml(path) -> Config:
     """Read a config written by `to_yaml` (e.g. the one stored in every checkpoint).
 
@@ -436,6 +444,10 @@ def load_yaml(path) -> Config:
     except Exception as e:  # a truncated or overwritten file
         raise UnreadableConfig(f"{path}: not a readable config ({type(e).__name__}: {e})") from None
     kept, _ = known_keys(raw, OmegaConf.structured(Config))
+    model = kept.get("model")
+    if isinstance(model, dict) and "norm_eps" not in model:
+        model["norm_eps"] = LEGACY_NORM_EPS
+        print(f"note: {path} predates model.norm_eps; it was trained with {LEGACY_NORM_EPS}, which is used", file=sys.stderr)
     try:
         return to_object(OmegaConf.create(kept))
     except UserError as e:

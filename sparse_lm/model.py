@@ -73,8 +73,8 @@ def make_sites(cfg: ModelConfig, prefix: str, dims: dict[str, int]) -> nn.Module
 def make_norm(cfg: ModelConfig) -> nn.Module:
     # Gain only, no bias: with RMSNorm zero stays a privileged value of the residual stream.
     if cfg.norm == Norm.rms:
-        return nn.RMSNorm(cfg.d_model, eps=1e-6)
-    return nn.LayerNorm(cfg.d_model, bias=False)
+        return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)  # None: the dtype's machine epsilon, at run time
+    return nn.LayerNorm(cfg.d_model, eps=1e-5 if cfg.norm_eps is None else cfg.norm_eps, bias=False)
 
 
 class Attention(nn.Module):
@@ -82,8 +82,8 @@ class Attention(nn.Module):
         super().__init__()
         self.n_head, self.d_head = cfg.d_model // cfg.d_head, cfg.d_head
         width = self.n_head * self.d_head
-        self.c_attn = nn.Linear(cfg.d_model, 3 * width)
-        self.c_proj = nn.Linear(width, cfg.d_model)
+        self.c_attn = nn.Linear(cfg.d_model, 3 * width, bias=cfg.bias)
+        self.c_proj = nn.Linear(width, cfg.d_model, bias=cfg.bias)
         # q/k/v top-k acts over the concatenation of all heads, not per head.
         d = cfg.d_model
         self.sites = make_sites(cfg, "attn", {"attn_in": d, "attn_q": width, "attn_k": width, "attn_v": width, "attn_out": d})
@@ -108,9 +108,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.c_fc = nn.Linear(cfg.d_model, cfg.d_mlp)
+        self.c_fc = nn.Linear(cfg.d_model, cfg.d_mlp, bias=cfg.bias)
         self.act = nn.GELU() if cfg.activation == Activation.gelu else nn.ReLU()
-        self.c_proj = nn.Linear(cfg.d_mlp, cfg.d_model)
+        self.c_proj = nn.Linear(cfg.d_mlp, cfg.d_model, bias=cfg.bias)
         self.sites = make_sites(cfg, "mlp", {"mlp_in": cfg.d_model, "mlp_neuron": cfg.d_mlp, "mlp_out": cfg.d_model})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

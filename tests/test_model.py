@@ -155,3 +155,34 @@ def test_abstopk_on_integer_keys_keeps_what_float_topk_keeps_ties_included():
         idx = x.abs().topk(32 if x.shape[1] == 128 else 4, dim=-1, sorted=False).indices
         expected = torch.zeros_like(x).scatter(-1, idx, x.gather(-1, idx))
         assert torch.equal(abstopk(x, idx.shape[1]), expected)
+
+
+def test_norm_eps_defaults_to_the_dtype_epsilon_and_bias_can_be_dropped():
+    m = model()
+    assert m.blocks[0].norm1.eps is None and m.norm_f.eps is None  # torch's default: the dtype's machine epsilon
+    x = torch.full((1, 64), 3e-3)  # mean square 9e-6: eps 1.2e-7 leaves 0.993 of it, eps 1e-6 only 0.949
+    y = m.norm_f(x)
+    assert torch.allclose(y, torch.full_like(y, (1 + torch.finfo(torch.float32).eps / 9e-6) ** -0.5), rtol=1e-5)
+    legacy = model(norm_eps=1e-6)
+    assert legacy.blocks[0].norm1.eps == 1e-6 and torch.allclose(legacy.norm_f(x), torch.full_like(y, (1 + 1 / 9) ** -0.5), rtol=1e-5)
+    assert model(norm=Norm.layer).norm_f.eps == 1e-5
+    plain = model(bias=False)
+    assert not [n for n, _ in plain.named_parameters() if n.endswith(".bias")]
+    logits, loss = plain(tokens(), tokens(seed=2))
+    loss.backward()
+    assert logits.shape == (3, 24, 97) and torch.isfinite(loss)
+
+
+def test_a_config_written_before_norm_eps_loads_with_the_epsilon_it_was_trained_with(tmp_path, capsys):
+    from omegaconf import OmegaConf
+
+    from sparse_lm.config import Config, load_yaml, to_yaml
+
+    text = to_yaml(Config())
+    old = OmegaConf.create(text)
+    del old.model["norm_eps"]
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(old))
+    assert load_yaml(tmp_path / "config.yaml").model.norm_eps == 1e-6
+    assert "predates model.norm_eps; it was trained with 1e-06" in capsys.readouterr().err
+    (tmp_path / "new.yaml").write_text(text)
+    assert load_yaml(tmp_path / "new.yaml").model.norm_eps is None
