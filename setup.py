@@ -22,6 +22,8 @@ setup(
     extras_require={
         # Hydra launchers for `python -m sparse_lm.frontier launcher=submitit_local|submitit_slurm` (parallel, cluster)
         "cluster": ["hydra-submitit-launcher>=1.2"],
-        "test": ["pytest>=7", "hydra-submitit-launcher>=1.2"],
+        # the released models' tokenizer (tinypython_2k), read by tiktoken: sparse_lm.convert, converted checkpoints
+        "reference": ["tiktoken>=0.7"],
+        "test": ["pytest>=7", "hydra-submitit-launcher>=1.2", "tiktoken>=0.7"],
     },
 )

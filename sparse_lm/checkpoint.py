@@ -55,6 +55,12 @@ def resolve(path: str | Path) -> Path:
     p = Path(path).expanduser()
     if (p / "model.pt").is_file():
         return p.resolve()
+    from sparse_lm import reference
+
+    if reference.is_reference_dir(p):  # a released model (beeg_config.json + final_model.pt): converted once, cached
+        from sparse_lm.convert import cached_conversion
+
+        return cached_conversion(p)
     for root in (p / "checkpoints", p):
         found = latest(root)
         if found is not None:
@@ -167,6 +173,10 @@ def load_tokenizer(ckpt: Path):
     """The checkpoint's tokenizer."""
     from sparse_lm.data.tokenizer import load_tokenizer as load
 
+    if (Path(ckpt) / "tiktoken").is_dir():  # a converted reference model's tinypython_2k (sparse_lm.convert)
+        from sparse_lm.data.tiktoken_tokenizer import TiktokenTokenizer
+
+        return TiktokenTokenizer(Path(ckpt) / "tiktoken")
     try:
         return load(Path(ckpt) / "tokenizer.json")
     except Exception as e:

@@ -312,6 +312,9 @@ class PruneConfig:
     lam: float = ranged(1e-4, 0)  # penalty per kept node
     tau_init: float = ranged(0.1, -1, 1)
     mean_sequences: int = ranged(64, 1)  # pretraining sequences the ablation means are taken over
+    # A directory of .py files to take them from instead of the checkpoint's data (encoded with the model's own
+    # tokenizer). A model converted from the reference format defaults to the embedded corpus.
+    means_data: Optional[str] = None
     seed: int = ranged(0, 0)
     device: str = "cpu"
     calibration: Calibration = Calibration.raw  # how candidates (and the full model) are judged: raw | fixed | per_candidate

@@ -59,9 +59,12 @@ def atomic_directory(final: Path) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a finished directory gets the usual permissions
     try:
         yield tmp
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+        for f in sorted(tmp.rglob("*"), reverse=True):  # files in subdirectories too, each directory after its files
+            if f.is_dir():
+                fsync_dir(f)
+            else:
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
         fsync_dir(tmp)
         if final.exists():
             old = Path(tempfile.mkdtemp(prefix=f".old-{final.name}-", dir=final.parent))

@@ -43,8 +43,14 @@ class Row:
 def inspect_checkpoint(path) -> tuple[str, list[Row]]:
     ckpt = checkpoint.resolve(path)
     cfg = checkpoint.load_config(ckpt)
-    step = checkpoint.load_state(ckpt)["step"]
+    state = checkpoint.load_state(ckpt)
+    step = state["step"]
     weights = checkpoint.load_weights(ckpt)
+    if "converted_from" in state:  # no schedule to check against: report what the weights hold
+        source = state["converted_from"]
+        found = ", ".join(f"{kind} {d:.4g}" for kind, d in source["densities"].items())
+        rows = [Row(name, tuple(w.shape), int((w != 0).sum()), None, None, None) for name, w in weights.items()]
+        return f"{ckpt} | converted from {source['dir']} ({source['format']} format) | densities found: {found}", rows
     with torch.device("meta"):  # shapes and names only, no memory
         model = GPT(cfg.model)
     sparsifier = Sparsifier(model, cfg.sparsity, cfg.train.max_steps)

@@ -89,3 +89,22 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def write_data_gym(tokenizer, directory: Path) -> None:
+    """One of our byte-level BPEs in GPT-2's file format (encoder.json + vocab.bpe), as tinypython_2k is published:
+    ranks in the order tiktoken expects (single bytes first, then the merges), <|endoftext|> last. Both use GPT-2's
+    byte-to-character table, so the merges carry over (token ids do not)."""
+    import json
+
+    printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
+    rest = [b for b in range(256) if b not in printable]
+    char = {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(rest)}}
+    encoder = {char[b]: i for i, b in enumerate(printable + rest)}
+    merges = [m.split(" ") if isinstance(m, str) else m for m in json.loads(tokenizer.to_str())["model"]["merges"]]
+    for a, b in merges:
+        encoder[a + b] = len(encoder)
+    encoder["<|endoftext|>"] = len(encoder)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "encoder.json").write_text(json.dumps(encoder, ensure_ascii=False))
+    (directory / "vocab.bpe").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))

@@ -8,6 +8,7 @@ invocation's files intact, and an earlier invocation's results are never replace
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import tempfile
 import time
@@ -27,7 +28,7 @@ from sparse_lm.circuits.nodes import NodeSpace
 from sparse_lm.circuits.pruning import site_stats
 from sparse_lm.circuits.tasks import TASKS, TaskTokenError, build
 from sparse_lm.cli import load_model
-from sparse_lm.config import PruneConfig
+from sparse_lm.config import DataConfig, PruneConfig, Source
 from sparse_lm.errors import UserError
 from sparse_lm.fsutil import atomic_file, write_json
 from sparse_lm.model import GPT
@@ -44,6 +45,7 @@ class Results:
     stats: dict = field(default_factory=dict)
     tokens: torch.Tensor | None = None
     decode: Callable[[int], str] = str
+    means_from: dict = field(default_factory=dict)  # the data the ablation means were taken over
 
 
 def task_list(spec) -> list[str]:
@@ -54,14 +56,20 @@ def task_list(spec) -> list[str]:
     return names
 
 
-def pretraining_tokens(mcfg, n: int) -> torch.Tensor:
-    """The first n training sequences of the checkpoint's data [n, ctx_len]: ablation means and resampling."""
+def pretraining_tokens(mcfg, n: int, cfg: PruneConfig, tokenizer=None) -> tuple[torch.Tensor, dict]:
+    """The first n training sequences [n, ctx_len] the ablation means, resampling and top activations come from, and
+    where they came from. By default the checkpoint's own data; `means_data=<dir>` takes another corpus. A model
+    converted from the reference format has no data of its own (the paper's was not released): its tokens come
+    from the embedded corpus (or means_data), encoded with the model's own tokenizer."""
     from sparse_lm.data.cache import prepare
 
-    data = prepare(mcfg.data)
+    data_cfg = mcfg.data if cfg.means_data is None else DataConfig(source=Source.dir, path=cfg.means_data, vocab_size=mcfg.data.vocab_size)
+    data = prepare(data_cfg, tokenizer)
     T = mcfg.model.ctx_len
     n = min(n, (len(data.train) - 1) // T)
-    return torch.from_numpy(np.asarray(data.train[: n * T], dtype=np.int64)).view(n, T)
+    tokens = torch.from_numpy(np.asarray(data.train[: n * T], dtype=np.int64)).view(n, T)
+    return tokens, {"source": data.meta["source"], "cache": str(data.dir), "sequences": n,
+                    "tokenizer": "the model's own" if tokenizer is not None else "the data's"}
 
 
 def cached_stats(model: GPT, tokens: torch.Tensor, path: Path | None) -> dict:
@@ -84,8 +92,10 @@ def prune_all(model: GPT, tokenizer, mcfg, state: dict, ckpt: Path, tasks: list[
     """Every task's circuit and battery on the checkpoint's model (typed results; nothing written)."""
     t0 = time.time()
     asked = controls_asked(cfg)
-    tokens = pretraining_tokens(mcfg, cfg.mean_sequences)
-    stats = cached_stats(model, tokens, ckpt / f"site_stats-{cfg.mean_sequences}.pt")
+    converted = "converted_from" in state  # sparse_lm.convert: no pretraining data of its own
+    tokens, means_from = pretraining_tokens(mcfg, cfg.mean_sequences, cfg, tokenizer if converted or cfg.means_data else None)
+    other = "" if cfg.means_data is None else "-" + hashlib.sha256(str(Path(cfg.means_data).resolve()).encode()).hexdigest()[:8]
+    stats = cached_stats(model, tokens, ckpt / f"site_stats-{cfg.mean_sequences}{other}.pt")
     trained = subject("trained model", model, tokens, stats)
     controls = {}
     if "random_init" in asked:
@@ -93,7 +103,7 @@ def prune_all(model: GPT, tokenizer, mcfg, state: dict, ckpt: Path, tasks: list[
     if "redrawn" in asked:
         controls["redrawn"] = subject("redrawn", redrawn_model(model, cfg.seed), tokens)
     decode = lambda t: tokenizer.decode([t])  # noqa: E731
-    results = Results(str(ckpt), state["step"], stats=stats, tokens=tokens, decode=decode)
+    results = Results(str(ckpt), state["step"], stats=stats, tokens=tokens, decode=decode, means_from=means_from)
     for i, task in enumerate(tasks, 1):
         log(f"[{i}/{len(tasks)}] {task}")
         try:

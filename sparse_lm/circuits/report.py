@@ -40,7 +40,7 @@ def summary(results, cfg: PruneConfig) -> dict:
     solved = [r for r in results.tasks if r.circuit.solved and r.circuit.found]
     trusted = [r for r in results.tasks if r.trusted]
     return {
-        "checkpoint": results.checkpoint, "step": results.step, "target": cfg.target, "calibration": cfg.calibration.value,
+        "checkpoint": results.checkpoint, "step": results.step, "means_from": results.means_from, "target": cfg.target, "calibration": cfg.calibration.value,
         "ablation": cfg.ablation.value, "frozen_norms": cfg.frozen_norms, "seeds": cfg.seeds, "conventions": asdict(cfg.edges),
         "geometric_mean_edges_trusted": geometric_mean([r.circuit.edges["total"] for r in trusted]),
         "trusted": [r.task for r in trusted],

@@ -54,12 +54,17 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("SPARSE_LM_CACHE", "~/.cache/sparse_lm")).expanduser()
 
 
-def prepare(cfg: DataConfig) -> TokenData:
-    """Return the tokenized corpus for `cfg`, building and caching it on first use."""
+def prepare(cfg: DataConfig, tokenizer=None) -> TokenData:
+    """Return the tokenized corpus for `cfg`, building and caching it on first use.
+
+    With `tokenizer` (e.g. a converted reference model's), the corpus is encoded with it instead of a BPE trained
+    on it; its hash is part of the cache key."""
     check_ranges(cfg, "data.")  # e.g. vocab_size ≤ 65536 for the uint16 cache; ranges live in the schema
     local = sources.list_local(cfg) if cfg.source != Source.hf else None
     corpus_hash = sources.local_fingerprint(local) if local else sources.hf_fingerprint(cfg)
     settings = {"v": FORMAT_VERSION, "vocab": cfg.vocab_size, "val": cfg.val_fraction, "tok_bytes": cfg.tokenizer_sample_bytes}
+    if tokenizer is not None:
+        settings["tokenizer"] = tokenizer_key(tokenizer)
     key = hashlib.sha256((corpus_hash + json.dumps(settings, sort_keys=True)).encode()).hexdigest()[:16]
     root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
     entry = root / f"{cfg.source.value}-{key}"
@@ -71,7 +76,7 @@ def prepare(cfg: DataConfig) -> TokenData:
         return sources.read_local(local) if local else sources.read_hf(cfg)
 
     with atomic_directory(entry) as tmp:
-        meta = build(tmp, documents, cfg)
+        meta = build(tmp, documents, cfg, tokenizer)
         meta.update(corpus_hash=corpus_hash, source=describe(cfg, local))
         if local and local.skipped:
             meta["skipped_not_utf8"] = sorted(set(local.skipped))
@@ -81,9 +86,30 @@ def prepare(cfg: DataConfig) -> TokenData:
     return load(entry)
 
 
-def build(out: Path, documents: Callable[[], Iterable[tuple[str, str]]], cfg: DataConfig) -> dict:
-    t0 = time.time()
-    # Pass 1: train the tokenizer on (at most tokenizer_sample_bytes of) the training documents.
+def tokenizer_key(tok) -> str:
+    """A given tokenizer's identity: the tiktoken adapter's hash, or the hash of a `tokenizers.Tokenizer`'s JSON."""
+    return getattr(tok, "hash", None) or hashlib.sha256(tok.to_str().encode()).hexdigest()
+
+
+def save_tokenizer(tok, out: Path) -> str:
+    """Write a given tokenizer into a cache entry (tokenizer.json, or tiktoken/); return its hash as load() checks it."""
+    if hasattr(tok, "hash"):
+        tok.save(out / "tiktoken")
+        return tok.hash
+    tok.save(str(out / "tokenizer.json"))
+    return file_hash(out / "tokenizer.json")
+
+
+def entry_tokenizer_hash(entry: Path) -> str:
+    if (entry / "tiktoken").is_dir():
+        from sparse_lm.data.tiktoken_tokenizer import TiktokenTokenizer
+
+        return TiktokenTokenizer(entry / "tiktoken").hash
+    return file_hash(entry / "tokenizer.json")
+
+
+def trained_tokenizer(out: Path, documents: Callable[[], Iterable[tuple[str, str]]], cfg: DataConfig, t0: float):
+    """Pass 1: train the tokenizer on (at most tokenizer_sample_bytes of) the training documents."""
     sample, n = [], 0
     for key, text in documents():
         if not sources.is_val(key, cfg.val_fraction):
@@ -97,6 +123,16 @@ def build(out: Path, documents: Callable[[], Iterable[tuple[str, str]]], cfg: Da
     del sample
     tok.save(str(out / "tokenizer.json"))
     log.info(f"data: trained a {tok.get_vocab_size()}-token BPE on {n / 1e6:.1f} MB in {time.time() - t0:.1f}s")
+    return tok
+
+
+def build(out: Path, documents: Callable[[], Iterable[tuple[str, str]]], cfg: DataConfig, tok=None) -> dict:
+    t0 = time.time()
+    if tok is not None:
+        tokenizer_hash = save_tokenizer(tok, out)
+    else:
+        tok = trained_tokenizer(out, documents, cfg, t0)
+        tokenizer_hash = file_hash(out / "tokenizer.json")
 
     # Pass 2: encode every document, <|endoftext|> after each, appending to train.bin / val.bin.
     eot = tok.token_to_id(EOT)
@@ -136,7 +172,7 @@ def build(out: Path, documents: Callable[[], Iterable[tuple[str, str]]], cfg: Da
     return {
         "format": FORMAT_VERSION,
         "vocab_size": tok.get_vocab_size(),
-        "tokenizer_hash": file_hash(out / "tokenizer.json"),
+        "tokenizer_hash": tokenizer_hash,
         "train": stats["train"],
         "val": stats["val"],
         "python": platform.python_version(),
@@ -159,10 +195,10 @@ def load(entry: Path) -> TokenData:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as e:
         raise CacheError(f"{meta_path}: not valid JSON ({e}); the cache entry is damaged. Delete {entry} to rebuild it.") from None
-    actual = file_hash(entry / "tokenizer.json")
+    actual = entry_tokenizer_hash(entry)
     if actual != meta["tokenizer_hash"]:
         raise CacheError(
-            f"{entry / 'tokenizer.json'}: tokenizer hash {actual[:12]} does not match the {meta['tokenizer_hash'][:12]} "
+            f"{entry / ('tiktoken' if (entry / 'tiktoken').is_dir() else 'tokenizer.json')}: tokenizer hash {actual[:12]} does not match the {meta['tokenizer_hash'][:12]} "
             f"the tokens were made with (meta.json). Delete {entry} to rebuild it."
         )
     arrays = {}

@@ -1,0 +1,151 @@
+"""Convert between the paper's released checkpoint format and ours.
+
+    python -m sparse_lm.convert from_reference <reference dir> <out> [--tokenizer DIR]
+    python -m sparse_lm.convert to_reference <run dir or checkpoint> <out dir>
+
+`from_reference` writes a checkpoint directory every tool takes (`sample`, `inspect`, `prune`): model.pt, config.yaml,
+state.json (where it came from, the densities found in its weights) and the tokenizer. The tokenizer is the
+tinypython_2k pair encoder.json + vocab.bpe, taken from --tokenizer, else from the model directory or its
+`tokenizer/`, else from $TINYPYTHON_TOK_DIR; a directory exported by `to_reference` carries our tokenizer.json
+instead, which is used as it is. `to_reference` writes beeg_config.json and final_model.pt (weights only, as the
+reference loader reads them) and the model's tokenizer beside them (tokenizer.json, or tokenizer/ for a converted one). Every tool also accepts a reference directory directly: it is
+converted once into $SPARSE_LM_CACHE/converted/ (`checkpoint.resolve`). The mapping is in sparse_lm/reference.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from sparse_lm import checkpoint, reference
+from sparse_lm.config import Config, DataConfig, SparsityConfig, TrainConfig, to_yaml
+from sparse_lm.data.tiktoken_tokenizer import FILES as TIKTOKEN_FILES
+from sparse_lm.data.tiktoken_tokenizer import TiktokenTokenizer, is_tiktoken_dir
+from sparse_lm.data.tokenizer import file_hash, load_tokenizer
+from sparse_lm.errors import UserError, reported
+from sparse_lm.fsutil import atomic_directory, write_json, write_text
+from sparse_lm.roles import role
+
+TIKTOKEN_DIR = "tiktoken"  # a checkpoint's tokenizer when it is a tiktoken one (else tokenizer.json)
+
+
+def find_tokenizer(src: Path, given: str | None) -> Path | None:
+    """The tinypython_2k directory (encoder.json + vocab.bpe), or a tokenizer.json of ours, for the model in `src`."""
+    if given:
+        if is_tiktoken_dir(Path(given)) or Path(given).name == "tokenizer.json" and Path(given).is_file():
+            return Path(given)
+        raise UserError(f"--tokenizer {given}: neither a directory holding {' and '.join(TIKTOKEN_FILES)} nor a tokenizer.json")
+    env = [Path(os.environ["TINYPYTHON_TOK_DIR"])] if os.environ.get("TINYPYTHON_TOK_DIR") else []
+    found = next((c for c in [src, src / "tokenizer", *env] if is_tiktoken_dir(c)), None)
+    return found or (src / "tokenizer.json" if (src / "tokenizer.json").is_file() else None)
+
+
+def densities(weights: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Nonzero fraction per kind of sparsifiable parameter (hidden, embed, bias), as found."""
+    found: dict[str, list[int]] = {}
+    for name, w in weights.items():
+        kind = role(name).kind
+        if kind in ("hidden", "embed", "bias"):
+            nz, n = found.setdefault(kind, [0, 0]), w.numel()
+            nz[0] += int(w.count_nonzero())
+            nz[1] += n
+    return {k: nz / n for k, (nz, n) in found.items()}
+
+
+def from_reference(src: str | Path, out: str | Path, tokenizer: str | None = None) -> Path:
+    src, out = Path(src), Path(out)
+    ref, sd = reference.read(src)
+    mcfg = reference.model_config(ref, sd)
+    weights = reference.import_weights(ref, sd, mcfg)
+    tok_dir = find_tokenizer(src, tokenizer)
+    if tok_dir is None:
+        raise UserError(f"{src}: no tokenizer found for this model (tinypython_2k: {' and '.join(TIKTOKEN_FILES)}); give "
+                        f"--tokenizer DIR, put them in {src / 'tokenizer'}, or set TINYPYTHON_TOK_DIR")
+    tok = load_tokenizer(tok_dir) if tok_dir.name == "tokenizer.json" else TiktokenTokenizer(tok_dir)
+    if tok.get_vocab_size() != mcfg.vocab_size:
+        raise UserError(f"{tok_dir}: a {tok.get_vocab_size()}-token tokenizer for a model of vocab_size={mcfg.vocab_size}")
+    found = densities(weights)
+    hidden = found.get("hidden", 1.0)
+    cfg = Config(name=src.name, model=mcfg, data=DataConfig(vocab_size=mcfg.vocab_size),
+                 sparsity=SparsityConfig(enabled=hidden < 1.0, hidden_density=hidden, embed_density=found.get("embed", 1.0)),
+                 train=TrainConfig(max_steps=1))
+    from sparse_lm.model import GPT
+
+    GPT(mcfg).load_state_dict(weights)  # every name and shape fits the model of this config
+    if out.exists():
+        raise UserError(f"{out} exists; choose another output directory")
+    with atomic_directory(out) as tmp:
+        torch.save(weights, tmp / "model.pt")
+        write_text(tmp / "config.yaml", to_yaml(cfg))
+        write_json(tmp / "state.json", {"step": 0, "converted_from": {"format": "reference", "dir": str(src.resolve()),
+                                                                       "config": ref, "densities": found},
+                                        "tokenizer_hash": tok.hash if isinstance(tok, TiktokenTokenizer) else file_hash(tok_dir)})
+        if isinstance(tok, TiktokenTokenizer):
+            tok.save(tmp / TIKTOKEN_DIR)
+        else:
+            shutil.copyfile(tok_dir, tmp / "tokenizer.json")
+    return out
+
+
+def cached_conversion(src: Path) -> Path:
+    """A reference directory converted once into the cache (keyed by its files), for tools given the directory."""
+    from sparse_lm.data.cache import default_cache_dir
+
+    key = hashlib.sha256()
+    for name in (reference.CONFIG_FILE, reference.WEIGHTS_FILE):
+        st = (src / name).stat()
+        key.update(f"{name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    key.update((src / reference.CONFIG_FILE).read_bytes())
+    out = default_cache_dir() / "converted" / f"{src.resolve().name}-{key.hexdigest()[:16]}"
+    if not (out / "model.pt").is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        from_reference(src, out)
+        print(f"converted {src} into {out}", file=sys.stderr)
+    return out
+
+
+def to_reference(path: str | Path, out: str | Path) -> Path:
+    ckpt = checkpoint.resolve(path)
+    cfg = checkpoint.load_config(ckpt)
+    weights = checkpoint.load_weights(ckpt)
+    ref, sd = reference.export(cfg.model, weights, cfg.sparsity.hidden_density if cfg.sparsity.enabled else None)
+    out = Path(out)
+    if out.exists():
+        raise UserError(f"{out} exists; choose another output directory")
+    with atomic_directory(out) as tmp:
+        write_text(tmp / reference.CONFIG_FILE, json.dumps(ref, indent=2))
+        torch.save(sd, tmp / reference.WEIGHTS_FILE)
+        if (ckpt / TIKTOKEN_DIR).is_dir():  # the tokenizer it came with, beside it
+            shutil.copytree(ckpt / TIKTOKEN_DIR, tmp / "tokenizer")
+        else:
+            shutil.copyfile(ckpt / "tokenizer.json", tmp / "tokenizer.json")
+    return out
+
+
+@reported
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m sparse_lm.convert", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("from_reference", help="a released model directory (beeg_config.json, final_model.pt) -> our checkpoint")
+    a.add_argument("src")
+    a.add_argument("out")
+    a.add_argument("--tokenizer", help="directory of the tinypython_2k encoder.json and vocab.bpe")
+    b = sub.add_parser("to_reference", help="our run or checkpoint -> beeg_config.json and final_model.pt")
+    b.add_argument("src")
+    b.add_argument("out")
+    args = parser.parse_args(argv)
+    if args.command == "from_reference":
+        print(f"wrote {from_reference(args.src, args.out, args.tokenizer)}")
+    else:
+        print(f"wrote {to_reference(args.src, args.out)}")
+
+
+if __name__ == "__main__":
+    main()
