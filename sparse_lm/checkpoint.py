@@ -51,7 +51,12 @@ def latest(ckpt_root: Path) -> Path | None:
 
 
 def resolve(path: str | Path) -> Path:
-    """Accept a run directory, its `checkpoints/` directory, or one checkpoint directory."""
+    """Accept a run directory, its `checkpoints/` directory, or one checkpoint directory; also a reference model's
+    directory or `hf:<owner>/<repo>[/<folder>]` on the Hugging Face Hub (sparse_lm.convert)."""
+    if str(path).startswith("hf:"):
+        from sparse_lm.convert import cached_conversion, hub_snapshot
+
+        return cached_conversion(hub_snapshot(str(path)))
     p = Path(path).expanduser()
     if (p / "model.pt").is_file():
         return p.resolve()

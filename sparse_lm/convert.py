@@ -111,6 +111,34 @@ def cached_conversion(src: Path) -> Path:
     return out
 
 
+HUB = "hf:"  # `hf:<owner>/<repo>[/<folder>]`: a reference model on the Hugging Face Hub
+
+
+def hub_snapshot(spec: str) -> Path:
+    """The local snapshot of `hf:<owner>/<repo>[/<folder>]` (downloaded once into the Hugging Face cache, then reused
+    offline), as a directory holding the model."""
+    parts = spec[len(HUB):].strip("/").split("/")
+    if len(parts) < 2 or not all(parts):
+        raise UserError(f"{spec}: a Hub model is hf:<owner>/<repo>[/<folder>]")
+    repo, folder = "/".join(parts[:2]), "/".join(parts[2:])
+    from huggingface_hub import snapshot_download
+
+    patterns = [f"{folder}/*" if folder else "*"]
+    try:
+        local = Path(snapshot_download(repo, allow_patterns=patterns, local_files_only=True))
+    except Exception:  # not cached yet
+        try:
+            local = Path(snapshot_download(repo, allow_patterns=patterns))
+        except Exception as e:
+            raise UserError(f"{spec}: not in the local Hugging Face cache and not downloadable ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:200]}). Without a network, download the model elsewhere and give "
+                            f"its directory instead") from None
+    model = local / folder
+    if not reference.is_reference_dir(model):
+        raise UserError(f"{spec}: {model} holds no {reference.CONFIG_FILE} (the Hub repo is not in the reference checkpoint format)")
+    return model
+
+
 def to_reference(path: str | Path, out: str | Path) -> Path:
     ckpt = checkpoint.resolve(path)
     cfg = checkpoint.load_config(ckpt)

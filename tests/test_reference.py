@@ -231,3 +231,24 @@ def test_the_data_cache_encodes_with_a_given_tokenizer(tiktoken_dir, corpus, tmp
     doc = [int(t) for t in data.train[: int((data.train == V - 1).argmax())]]
     assert doc == tok.encode((corpus / first).read_text()).ids  # the first training file, in the given tokenizer's ids
     assert (data.dir / "tiktoken" / "vocab.bpe").is_file() and prepare(cfg, tok).dir == data.dir and prepare(cfg).dir != data.dir
+
+
+def test_a_hub_model_loads_from_its_local_snapshot_and_fails_clearly_without_network(tmp_path, tiktoken_dir):
+    import os
+    import shutil
+
+    hub = tmp_path / "hub"  # the Hugging Face cache layout: refs/main names the snapshot
+    snapshot = hub / "models--someone--csp" / "snapshots" / ("a" * 40)
+    write_reference(snapshot / "csp_test")
+    shutil.copytree(tiktoken_dir, snapshot / "csp_test" / "tokenizer")
+    (hub / "models--someone--csp" / "refs").mkdir(parents=True)
+    (hub / "models--someone--csp" / "refs" / "main").write_text("a" * 40)
+    env = {**os.environ, "HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1"}
+    ok = subprocess.run([sys.executable, "-m", "sparse_lm.inspect", "hf:someone/csp/csp_test"], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and "converted from" in ok.stdout and "csp_test" in ok.stdout, ok.stderr[-2000:]
+    missing = subprocess.run([sys.executable, "-m", "sparse_lm.inspect", "hf:someone/other"], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 1
+    assert "hf:someone/other: not in the local Hugging Face cache and not downloadable" in missing.stderr
+    assert "download the model elsewhere and give its directory instead" in missing.stderr
