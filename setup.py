@@ -23,7 +23,8 @@ setup(
         # Hydra launchers for `python -m sparse_lm.frontier launcher=submitit_local|submitit_slurm` (parallel, cluster)
         "cluster": ["hydra-submitit-launcher>=1.2"],
         # the released models' tokenizer (tinypython_2k), read by tiktoken: sparse_lm.convert, converted checkpoints
-        "reference": ["tiktoken>=0.7"],
-        "test": ["pytest>=7", "hydra-submitit-launcher>=1.2", "tiktoken>=0.7"],
+        # and hf:<owner>/<repo> models, through huggingface_hub
+        "reference": ["tiktoken>=0.7", "huggingface_hub>=0.34"],
+        "test": ["pytest>=7", "hydra-submitit-launcher>=1.2", "tiktoken>=0.7", "huggingface_hub>=0.34"],
     },
 )

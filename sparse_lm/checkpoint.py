@@ -176,14 +176,12 @@ def load_config(ckpt: Path):
 
 def load_tokenizer(ckpt: Path):
     """The checkpoint's tokenizer."""
-    from sparse_lm.data.tokenizer import load_tokenizer as load
+    from sparse_lm.data.tokenizer import TIKTOKEN_DIR, load_from
 
-    if (Path(ckpt) / "tiktoken").is_dir():  # a converted reference model's tinypython_2k (sparse_lm.convert)
-        from sparse_lm.data.tiktoken_tokenizer import TiktokenTokenizer
-
-        return TiktokenTokenizer(Path(ckpt) / "tiktoken")
+    if (Path(ckpt) / TIKTOKEN_DIR).is_dir():  # a converted reference model's tinypython_2k (sparse_lm.convert)
+        return load_from(ckpt)
     try:
-        return load(Path(ckpt) / "tokenizer.json")
+        return load_from(ckpt)
     except Exception as e:
         raise damaged(Path(ckpt) / "tokenizer.json", e) from None
 

@@ -94,8 +94,8 @@ class ModelConfig:
     d_head: int = ranged(16, 1)  # n_head = d_model // d_head
     d_mlp: int = ranged(4096, 1)
     norm: Norm = Norm.rms
-    # None: torch's default, the reference's (RMSNorm: the dtype's machine epsilon; LayerNorm: 1e-5). Checkpoints made
-    # before this field existed were trained with 1e-6 and load with it (load_yaml).
+    # None: torch's default, the reference's (RMSNorm: the dtype's machine epsilon; LayerNorm: 1e-5). RMSNorm checkpoints
+    # made before this field existed were trained with 1e-6 and load with it (load_yaml).
     norm_eps: Optional[float] = ranged(None, **POSITIVE)
     bias: bool = True  # biases in c_attn, c_proj and c_fc (the reference's `bias`)
     activation: Activation = Activation.gelu
@@ -431,7 +431,8 @@ def known_keys(raw, schema_node) -> tuple[dict, list[str]]:
     return kept, dropped
 
 
-LEGACY_NORM_EPS = 1e-6  # the norm epsilon of every checkpoint written before model.norm_eps existed
+LEGACY_NORM_EPS = 1e-6  # the RMSNorm epsilon of every checkpoint written before model.norm_eps existed
+NOTED: set[str] = set()  # configs whose legacy epsilon was already noted in this process
 
 
 def load_yaml(path) -> Config:
@@ -448,9 +449,12 @@ def load_yaml(path) -> Config:
         raise UnreadableConfig(f"{path}: not a readable config ({type(e).__name__}: {e})") from None
     kept, _ = known_keys(raw, OmegaConf.structured(Config))
     model = kept.get("model")
-    if isinstance(model, dict) and "norm_eps" not in model:
-        model["norm_eps"] = LEGACY_NORM_EPS
-        print(f"note: {path} predates model.norm_eps; it was trained with {LEGACY_NORM_EPS}, which is used", file=sys.stderr)
+    if isinstance(model, dict) and "norm_eps" not in model and model.get("norm", "rms") == "rms":
+        model["norm_eps"] = LEGACY_NORM_EPS  # LayerNorm always had torch's default, which null still means
+        if str(path) not in NOTED:
+            NOTED.add(str(path))
+            print(f"note: {path} predates model.norm_eps; its RMSNorm was trained with eps {LEGACY_NORM_EPS}, which is used",
+                  file=sys.stderr)
     try:
         return to_object(OmegaConf.create(kept))
     except UserError as e:

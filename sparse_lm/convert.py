@@ -28,85 +28,85 @@ from sparse_lm import checkpoint, reference
 from sparse_lm.config import Config, DataConfig, SparsityConfig, TrainConfig, to_yaml
 from sparse_lm.data.tiktoken_tokenizer import FILES as TIKTOKEN_FILES
 from sparse_lm.data.tiktoken_tokenizer import TiktokenTokenizer, is_tiktoken_dir
+from sparse_lm.data.tokenizer import TIKTOKEN_DIR
 from sparse_lm.data.tokenizer import file_hash, load_tokenizer
 from sparse_lm.errors import UserError, reported
 from sparse_lm.fsutil import atomic_directory, write_json, write_text
-from sparse_lm.roles import role
-
-TIKTOKEN_DIR = "tiktoken"  # a checkpoint's tokenizer when it is a tiktoken one (else tokenizer.json)
+from sparse_lm.roles import nonzeros_by_kind
 
 
-def find_tokenizer(src: Path, given: str | None) -> Path | None:
-    """The tinypython_2k directory (encoder.json + vocab.bpe), or a tokenizer.json of ours, for the model in `src`."""
+
+CONVERT_VERSION = 1  # part of the cache key of converted models: a change to the mapping converts them again
+
+
+def find_tokenizer(src: Path, given: str | None) -> Path:
+    """The model's tokenizer: tinypython_2k (a directory holding encoder.json + vocab.bpe) or a tokenizer.json of ours.
+    Looked for in `given`, else beside the model (src, src/tokenizer, src/tokenizer.json), else $TINYPYTHON_TOK_DIR."""
     if given:
         if is_tiktoken_dir(Path(given)) or Path(given).name == "tokenizer.json" and Path(given).is_file():
             return Path(given)
         raise UserError(f"--tokenizer {given}: neither a directory holding {' and '.join(TIKTOKEN_FILES)} nor a tokenizer.json")
-    env = [Path(os.environ["TINYPYTHON_TOK_DIR"])] if os.environ.get("TINYPYTHON_TOK_DIR") else []
-    found = next((c for c in [src, src / "tokenizer", *env] if is_tiktoken_dir(c)), None)
-    return found or (src / "tokenizer.json" if (src / "tokenizer.json").is_file() else None)
+    beside = next((c for c in (src, src / "tokenizer") if is_tiktoken_dir(c)), None) or \
+        (src / "tokenizer.json" if (src / "tokenizer.json").is_file() else None)
+    env = os.environ.get("TINYPYTHON_TOK_DIR")
+    found = beside or (Path(env) if env and is_tiktoken_dir(Path(env)) else None)
+    if found is None:
+        raise UserError(f"{src}: no tokenizer found for this model (tinypython_2k: {' and '.join(TIKTOKEN_FILES)}): put them in "
+                        f"{src / 'tokenizer'}, or set TINYPYTHON_TOK_DIR (python -m sparse_lm.convert also takes --tokenizer DIR)")
+    return found
 
 
-def densities(weights: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Nonzero fraction per kind of sparsifiable parameter (hidden, embed, bias), as found."""
-    found: dict[str, list[int]] = {}
-    for name, w in weights.items():
-        kind = role(name).kind
-        if kind in ("hidden", "embed", "bias"):
-            nz, n = found.setdefault(kind, [0, 0]), w.numel()
-            nz[0] += int(w.count_nonzero())
-            nz[1] += n
-    return {k: nz / n for k, (nz, n) in found.items()}
+def open_tokenizer(path: Path):
+    return load_tokenizer(path) if path.name == "tokenizer.json" else TiktokenTokenizer(path)
 
 
-def from_reference(src: str | Path, out: str | Path, tokenizer: str | None = None) -> Path:
+def tokenizer_identity(path: Path, tok) -> str:
+    return tok.hash if isinstance(tok, TiktokenTokenizer) else file_hash(path)
+
+
+def from_reference(src: str | Path, out: str | Path, tokenizer: str | None = None, replace: bool = False) -> Path:
     src, out = Path(src), Path(out)
+    if out.exists() and not replace:
+        raise UserError(f"{out} exists; choose another output directory")
     ref, sd = reference.read(src)
     mcfg = reference.model_config(ref, sd)
     weights = reference.import_weights(ref, sd, mcfg)
-    tok_dir = find_tokenizer(src, tokenizer)
-    if tok_dir is None:
-        raise UserError(f"{src}: no tokenizer found for this model (tinypython_2k: {' and '.join(TIKTOKEN_FILES)}); give "
-                        f"--tokenizer DIR, put them in {src / 'tokenizer'}, or set TINYPYTHON_TOK_DIR")
-    tok = load_tokenizer(tok_dir) if tok_dir.name == "tokenizer.json" else TiktokenTokenizer(tok_dir)
+    tok_path = find_tokenizer(src, tokenizer)
+    tok = open_tokenizer(tok_path)
     if tok.get_vocab_size() != mcfg.vocab_size:
-        raise UserError(f"{tok_dir}: a {tok.get_vocab_size()}-token tokenizer for a model of vocab_size={mcfg.vocab_size}")
-    found = densities(weights)
+        raise UserError(f"{tok_path}: a {tok.get_vocab_size()}-token tokenizer for a model of vocab_size={mcfg.vocab_size}")
+    found = {kind: nz / n for kind, (nz, n) in nonzeros_by_kind(weights).items()}
     hidden = found.get("hidden", 1.0)
     cfg = Config(name=src.name, model=mcfg, data=DataConfig(vocab_size=mcfg.vocab_size),
                  sparsity=SparsityConfig(enabled=hidden < 1.0, hidden_density=hidden, embed_density=found.get("embed", 1.0)),
                  train=TrainConfig(max_steps=1))
-    from sparse_lm.model import GPT
-
-    GPT(mcfg).load_state_dict(weights)  # every name and shape fits the model of this config
-    if out.exists():
-        raise UserError(f"{out} exists; choose another output directory")
     with atomic_directory(out) as tmp:
         torch.save(weights, tmp / "model.pt")
         write_text(tmp / "config.yaml", to_yaml(cfg))
         write_json(tmp / "state.json", {"step": 0, "converted_from": {"format": "reference", "dir": str(src.resolve()),
-                                                                       "config": ref, "densities": found},
-                                        "tokenizer_hash": tok.hash if isinstance(tok, TiktokenTokenizer) else file_hash(tok_dir)})
+                                                                       "config": ref, "densities": found, "tokenizer": str(tok_path)},
+                                        "tokenizer_hash": tokenizer_identity(tok_path, tok)})
         if isinstance(tok, TiktokenTokenizer):
             tok.save(tmp / TIKTOKEN_DIR)
         else:
-            shutil.copyfile(tok_dir, tmp / "tokenizer.json")
+            shutil.copyfile(tok_path, tmp / "tokenizer.json")
     return out
 
 
 def cached_conversion(src: Path) -> Path:
-    """A reference directory converted once into the cache (keyed by its files), for tools given the directory."""
+    """A reference directory converted once into the cache, for tools given the directory. The key covers the model
+    files, the tokenizer found for it and the converter's version."""
     from sparse_lm.data.cache import default_cache_dir
 
-    key = hashlib.sha256()
+    tok_path = find_tokenizer(src, None)
+    key = hashlib.sha256(f"v{CONVERT_VERSION};{tokenizer_identity(tok_path, open_tokenizer(tok_path))};".encode())
     for name in (reference.CONFIG_FILE, reference.WEIGHTS_FILE):
         st = (src / name).stat()
         key.update(f"{name}:{st.st_size}:{st.st_mtime_ns};".encode())
     key.update((src / reference.CONFIG_FILE).read_bytes())
     out = default_cache_dir() / "converted" / f"{src.resolve().name}-{key.hexdigest()[:16]}"
     if not (out / "model.pt").is_file():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        from_reference(src, out)
+        from_reference(src, out, replace=True)
         print(f"converted {src} into {out}", file=sys.stderr)
     return out
 
@@ -126,6 +126,8 @@ def hub_snapshot(spec: str) -> Path:
     patterns = [f"{folder}/*" if folder else "*"]
     try:
         local = Path(snapshot_download(repo, allow_patterns=patterns, local_files_only=True))
+        if not reference.is_reference_dir(local / folder):
+            raise FileNotFoundError(folder)  # a snapshot cached for other files of the repo
     except Exception:  # not cached yet
         try:
             local = Path(snapshot_download(repo, allow_patterns=patterns))

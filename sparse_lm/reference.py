@@ -7,7 +7,8 @@ reference field and its value: a converted model computes what the reference mod
 
 Mapping (reference → ours): block_size → ctx_len; n_mlp / d_mlp → d_mlp; n_head · d_head must equal d_model
 (d_head kept); rms_norm → norm=rms (LayerNorm only without ln_bias); bias → bias; activation_type → activation;
-afrac with afrac_loctypes → afrac and topk_sites (no afrac: no site); sink → attn_sink; enable_bigram_table →
+afrac with afrac_loctypes → afrac and topk_sites (no afrac: no site); sink → attn_sink when the weights hold sink
+logits (the reference builds them only with flash attention); enable_bigram_table →
 bigram; tied_unembed → lm_head a copy of wte; final_logits_bias → added to every bigram row (zero without a table);
 wpe → learned positions, or none when it is all zero (the reference always adds it).
 """
@@ -24,7 +25,8 @@ from sparse_lm.errors import UserError
 from sparse_lm.roles import SITES
 
 CONFIG_FILE, WEIGHTS_FILE = "beeg_config.json", "final_model.pt"
-# Fields that change nothing in a trained model's forward pass (training, kernels, memory), safe to ignore.
+# Fields that change nothing in a trained model's forward pass (training, kernels, memory), safe to ignore. `flash`
+# is overridden by the reference loader's own argument; whether a sink exists is read from the weights instead.
 INERT = {"dropout", "flash", "grad_checkpointing", "debug_nans", "enable_sparse_kernels", "learnable_bigram_table",
          "tokenizer_name", "bigram_table_rank", "pfrac", "dropout_cat_pos_emb", "sinusoidal_cat_pos_emb"}
 MAPPED = {"block_size", "vocab_size", "n_layer", "n_head", "d_head", "d_model", "d_mlp", "n_mlp", "bias", "ln_bias", "rms_norm",
@@ -76,14 +78,18 @@ def model_config(ref: dict, sd: dict[str, torch.Tensor]) -> ModelConfig:
     for site in loctypes:
         if site not in SITES:
             refuse("afrac_loctypes", ref.get("afrac_loctypes", DEFAULT_LOCTYPES), f"AbsTopK at {site!r}, not one of our sites {list(SITES)}")
+    if ref.get("activation_type", "gelu") not in ("gelu", "relu"):
+        refuse("activation_type", ref["activation_type"], "an activation other than gelu or relu")
     wpe = sd.get("transformer.wpe.weight")
     learned = wpe is not None and bool(wpe.count_nonzero())
+    # The reference builds its sink only with flash attention; a sink model used without one has no sink_logit.
+    sink = bool(ref.get("sink", False)) and any(k.endswith("attn_imp.sink_logit") for k in sd)
     return ModelConfig(
         vocab_size=ref.get("vocab_size", 50304), ctx_len=ref.get("block_size", 1024), n_layer=ref.get("n_layer", 12),
-        d_model=d_model, d_head=d_head, d_mlp=ref.get("d_mlp") or ref.get("n_mlp") or 4 * d_model,
+        d_model=d_model, d_head=d_head, d_mlp=ref.get("n_mlp") or ref.get("d_mlp") or 4 * d_model,  # the loader lets n_mlp win
         norm=Norm.rms if rms else Norm.layer, norm_eps=None, bias=ref.get("bias", True),
         activation=Activation(ref.get("activation_type", "gelu")), pos_emb=PosEmb.learned if learned else PosEmb.none,
-        attn_sink=ref.get("sink", False), bigram=ref.get("enable_bigram_table", False),
+        attn_sink=sink, bigram=ref.get("enable_bigram_table", False),
         afrac=afrac if afrac is not None else ModelConfig.afrac, topk_sites=[s for s in SITES if s in loctypes])
 
 
@@ -120,13 +126,21 @@ def import_weights(ref: dict, sd: dict[str, torch.Tensor], cfg: ModelConfig) -> 
         del theirs[key]  # the causal-mask buffer of the reference's non-flash attention, not a parameter
     if cfg.pos_emb == PosEmb.none:
         theirs.pop("transformer.wpe.weight", None)  # all zero: adds nothing
-    if ref.get("tied_unembed", True) and "lm_head.weight" not in theirs:
-        theirs["lm_head.weight"] = theirs["transformer.wte.weight"]
+    if ref.get("tied_unembed", True):  # one tensor in the reference: lm_head.weight, loaded after wte, holds it
+        tied = theirs.get("lm_head.weight", theirs.get("transformer.wte.weight"))
+        theirs["lm_head.weight"] = theirs["transformer.wte.weight"] = tied
+    from sparse_lm.model import GPT
+
+    with torch.device("meta"):
+        shapes = {n: tuple(p.shape) for n, p in GPT(cfg).named_parameters()}
     out = {}
     for ours, name in mapping.items():
         if name not in theirs:
             raise UserError(f"{WEIGHTS_FILE}: no {name} (for our {ours}) in a model whose config asks for it")
-        out[ours] = theirs.pop(name).detach().clone().float().contiguous()  # a tied unembedding becomes a copy
+        w = theirs.pop(name)
+        if tuple(w.shape) != shapes[ours]:
+            raise UserError(f"{WEIGHTS_FILE}: {name} has shape {tuple(w.shape)}, but {CONFIG_FILE} implies {shapes[ours]}")
+        out[ours] = w.detach().clone().float().contiguous()  # a tied unembedding becomes a copy
     if theirs:
         raise UserError(f"{WEIGHTS_FILE}: {sorted(theirs)[0]} has no place in the converted model ({len(theirs)} such entries)")
     if logits_bias is not None and bool(logits_bias.count_nonzero()):
@@ -140,7 +154,7 @@ def export(cfg: ModelConfig, weights: dict[str, torch.Tensor], hidden_density: f
     """Our model as (beeg_config.json, final_model.pt) the reference loader accepts."""
     if cfg.norm_eps is not None and not (cfg.norm == Norm.layer and cfg.norm_eps == 1e-5):
         raise UserError(f"model.norm_eps={cfg.norm_eps}: the reference's norms use torch's default epsilon, so this model would "
-                        f"compute something else there (checkpoints from before model.norm_eps were trained with 1e-6)")
+                        f"compute something else there (RMSNorm checkpoints from before model.norm_eps were trained with 1e-6)")
     ref = {"block_size": cfg.ctx_len, "vocab_size": cfg.vocab_size, "n_layer": cfg.n_layer, "n_head": cfg.d_model // cfg.d_head,
            "d_head": cfg.d_head, "d_model": cfg.d_model, "d_mlp": cfg.d_mlp, "dropout": 0.0, "bias": cfg.bias, "ln_bias": False,
            "rms_norm": cfg.norm == Norm.rms, "residual_activation_type": "identity", "activation_type": cfg.activation.value,

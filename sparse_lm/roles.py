@@ -75,3 +75,14 @@ def role(name: str) -> Role:
 def writes_residual(name: str) -> bool:
     """The projections that add into the residual stream (GPT-2 scales their init down with depth)."""
     return name.endswith("c_proj.weight")
+
+
+def nonzeros_by_kind(weights: dict) -> dict[str, tuple[int, int]]:
+    """(nonzero, total) entries per kind of sparsifiable parameter (hidden, embed, bias) of a state dict."""
+    out: dict[str, tuple[int, int]] = {}
+    for name, w in weights.items():
+        kind = role(name).kind
+        if kind in ("hidden", "embed", "bias"):
+            nz, n = out.get(kind, (0, 0))
+            out[kind] = (nz + int(w.count_nonzero()), n + w.numel())
+    return out

@@ -183,6 +183,9 @@ def test_a_config_written_before_norm_eps_loads_with_the_epsilon_it_was_trained_
     del old.model["norm_eps"]
     (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(old))
     assert load_yaml(tmp_path / "config.yaml").model.norm_eps == 1e-6
-    assert "predates model.norm_eps; it was trained with 1e-06" in capsys.readouterr().err
+    assert "predates model.norm_eps; its RMSNorm was trained with eps 1e-06" in capsys.readouterr().err
+    old.model.norm = "layer"  # LayerNorm always used torch's default, which null still means
+    (tmp_path / "layer.yaml").write_text(OmegaConf.to_yaml(old))
+    assert load_yaml(tmp_path / "layer.yaml").model.norm_eps is None
     (tmp_path / "new.yaml").write_text(text)
     assert load_yaml(tmp_path / "new.yaml").model.norm_eps is None

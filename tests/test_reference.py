@@ -32,24 +32,30 @@ REF = {"block_size": T, "vocab_size": V, "n_layer": L, "n_head": H, "d_head": DH
        "sink": True, "flash": True, "bigram_table_rank": None, "pfrac": 0.25}
 
 
-def reference_weights(seed=0) -> dict[str, torch.Tensor]:
+def reference_weights(ref: dict = REF, seed=0, learned_wpe=False) -> dict[str, torch.Tensor]:
+    """A state dict as the reference's GPT of `ref` holds it (biases, sink logits and mask buffers where it has them)."""
     g = torch.Generator().manual_seed(seed)
+    d, h, dh, m, t, v = ref["d_model"], ref["n_head"], ref.get("d_head") or ref["d_model"] // ref["n_head"], ref.get("n_mlp", M), ref["block_size"], ref["vocab_size"]
 
     def r(*shape, density=1.0):
         w = torch.randn(*shape, generator=g) * 0.3
         return w * (torch.rand(*shape, generator=g) < density)
 
-    wte = r(V, D, density=0.5)
-    sd = {"transformer.wte.weight": wte, "transformer.wpe.weight": torch.zeros(T, D), "transformer.ln_f.weight": 1 + r(D) * 0.1,
-          "lm_head.weight": wte, "final_logits_bias": r(V), "bigram_table": r(V, V)}
-    for i in range(L):
+    wte = r(v, d, density=0.5)
+    sd = {"transformer.wte.weight": wte, "transformer.wpe.weight": r(t, d) if learned_wpe else torch.zeros(t, d),
+          "transformer.ln_f.weight": 1 + r(d) * 0.1, "lm_head.weight": wte if ref.get("tied_unembed", True) else r(v, d, density=0.5),
+          "final_logits_bias": r(v)}
+    if ref.get("enable_bigram_table"):
+        sd["bigram_table"] = r(v, v)
+    for i in range(ref["n_layer"]):
         p = f"transformer.h.{i}."
-        sd |= {p + "ln_1.weight": 1 + r(D) * 0.1, p + "ln_2.weight": 1 + r(D) * 0.1,
-               p + "attn.c_attn.weight": r(3 * H * DH, D, density=0.25), p + "attn.c_attn.bias": r(3 * H * DH),
-               p + "attn.c_proj.weight": r(D, H * DH, density=0.25), p + "attn.c_proj.bias": r(D),
-               p + "attn.attn_imp.sink_logit": r(H), p + "attn.bias": torch.tril(torch.ones(T, T)).view(1, 1, T, T),
-               p + "mlp.c_fc.weight": r(M, D, density=0.25), p + "mlp.c_fc.bias": r(M),
-               p + "mlp.c_proj.weight": r(D, M, density=0.25), p + "mlp.c_proj.bias": r(D)}
+        sd |= {p + "ln_1.weight": 1 + r(d) * 0.1, p + "ln_2.weight": 1 + r(d) * 0.1, p + "attn.c_attn.weight": r(3 * h * dh, d, density=0.25),
+               p + "attn.c_proj.weight": r(d, h * dh, density=0.25), p + "mlp.c_fc.weight": r(m, d, density=0.25),
+               p + "mlp.c_proj.weight": r(d, m, density=0.25), p + "attn.bias": torch.tril(torch.ones(t, t)).view(1, 1, t, t)}
+        if ref.get("bias", True):
+            sd |= {p + "attn.c_attn.bias": r(3 * h * dh), p + "attn.c_proj.bias": r(d), p + "mlp.c_fc.bias": r(m), p + "mlp.c_proj.bias": r(d)}
+        if ref.get("sink"):
+            sd[p + "attn.attn_imp.sink_logit"] = r(h)
     return sd
 
 
@@ -61,8 +67,11 @@ def write_reference(directory: Path, ref: dict | None = None, sd: dict | None = 
 
 
 def reference_forward(sd: dict, ref: dict, idx: torch.Tensor) -> torch.Tensor:
-    """The reference GPT's forward pass, transcribed from its definition (not from ours)."""
-    sites = ref["afrac_loctypes"].split(",")
+    """The reference GPT's forward pass (flash attention), transcribed from its definition, not from ours."""
+    sites = ref["afrac_loctypes"].split(",") if ref.get("afrac") is not None else []
+    h, d = ref["n_head"], ref["d_model"]
+    dh = ref.get("d_head") or d // h
+    act = F.gelu if ref.get("activation_type", "gelu") == "gelu" else F.relu
 
     def topk(x, site):
         if site not in sites:
@@ -70,28 +79,37 @@ def reference_forward(sd: dict, ref: dict, idx: torch.Tensor) -> torch.Tensor:
         vals, inds = torch.topk(x.abs(), int(ref["afrac"] * x.shape[-1]), dim=-1)
         return torch.zeros_like(x).scatter(-1, inds, x.gather(-1, inds))
 
-    def rms(x, w):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + torch.finfo(x.dtype).eps) * w
+    def norm(x, w):
+        if ref.get("rms_norm"):
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + torch.finfo(x.dtype).eps) * w
+        c = x - x.mean(-1, keepdim=True)
+        return c * torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + 1e-5) * w
+
+    def linear(x, name):
+        return x @ sd[name + ".weight"].T + (sd[name + ".bias"] if ref.get("bias", True) else 0)
 
     B, t = idx.shape
     x = sd["transformer.wte.weight"][idx] + sd["transformer.wpe.weight"][:t]
     for i in range(ref["n_layer"]):
         p = f"transformer.h.{i}."
-        h = topk(rms(x, sd[p + "ln_1.weight"]), "attn_in")
-        q, k, v = (h @ sd[p + "attn.c_attn.weight"].T + sd[p + "attn.c_attn.bias"]).split(H * DH, dim=2)
+        y = topk(norm(x, sd[p + "ln_1.weight"]), "attn_in")
+        q, k, v = linear(y, p + "attn.c_attn").split(h * dh, dim=2)
         q, k, v = topk(q, "attn_q"), topk(k, "attn_k"), topk(v, "attn_v")
-        q, k, v = (z.view(B, t, H, DH).transpose(1, 2) for z in (q, k, v))
-        att = (q @ k.transpose(-2, -1)) / math.sqrt(DH)
-        att = att.masked_fill(torch.ones(t, t).tril() == 0, float("-inf"))
-        sink = sd[p + "attn.attn_imp.sink_logit"].view(1, H, 1, 1).expand(B, H, t, 1)
-        w = torch.softmax(torch.cat([sink, att], dim=-1), dim=-1)[..., 1:]  # a zero-valued key with logit `sink`
-        y = (w @ v).transpose(1, 2).reshape(B, t, H * DH)
-        x = x + topk(y @ sd[p + "attn.c_proj.weight"].T + sd[p + "attn.c_proj.bias"], "attn_out")
-        h = topk(rms(x, sd[p + "ln_2.weight"]), "mlp_in")
-        h = topk(F.gelu(h @ sd[p + "mlp.c_fc.weight"].T + sd[p + "mlp.c_fc.bias"]), "mlp_neuron")
-        x = x + topk(h @ sd[p + "mlp.c_proj.weight"].T + sd[p + "mlp.c_proj.bias"], "mlp_out")
-    x = rms(x, sd["transformer.ln_f.weight"])
-    return x @ sd["lm_head.weight"].T + sd["final_logits_bias"] + sd["bigram_table"][idx]
+        q, k, v = (z.view(B, t, h, dh).transpose(1, 2) for z in (q, k, v))
+        att = ((q @ k.transpose(-2, -1)) / math.sqrt(dh)).masked_fill(torch.ones(t, t).tril() == 0, float("-inf"))
+        if ref.get("sink"):  # a zero key and value with logit `sink`, always visible
+            sink = sd[p + "attn.attn_imp.sink_logit"].view(1, h, 1, 1).expand(B, h, t, 1)
+            w = torch.softmax(torch.cat([sink, att], dim=-1), dim=-1)[..., 1:]
+        else:
+            w = torch.softmax(att, dim=-1)
+        y = (w @ v).transpose(1, 2).reshape(B, t, h * dh)
+        x = x + topk(linear(y, p + "attn.c_proj"), "attn_out")
+        y = topk(norm(x, sd[p + "ln_2.weight"]), "mlp_in")
+        y = topk(act(linear(y, p + "mlp.c_fc")), "mlp_neuron")
+        x = x + topk(linear(y, p + "mlp.c_proj"), "mlp_out")
+    x = norm(x, sd["transformer.ln_f.weight"])
+    logits = x @ sd["lm_head.weight"].T + sd["final_logits_bias"]
+    return logits + sd["bigram_table"][idx] if ref.get("enable_bigram_table") else logits
 
 
 @pytest.fixture(scope="module")
@@ -123,21 +141,60 @@ def test_the_reference_config_maps_as_documented():
     assert cfg.topk_sites == ["attn_in", "attn_out", "mlp_in", "mlp_out"]  # ... and its default afrac_loctypes
 
 
-def test_a_converted_model_computes_the_reference_logits(tmp_path, tiktoken_dir):
-    src = write_reference(tmp_path / "csp_test")
+VARIANTS = {
+    "rms, gelu, sink, bigram, tied": ({}, False),
+    "layer norm, relu, no bias, no sink": ({"rms_norm": False, "ln_bias": False, "activation_type": "relu", "bias": False, "sink": False}, False),
+    "learned positions, untied, no bigram, no afrac": ({"tied_unembed": False, "enable_bigram_table": False, "afrac": None}, True),
+    "q/k/v sites, n_mlp": ({"afrac_loctypes": "attn_q,attn_k,attn_v,mlp_neuron", "n_mlp": 48}, False),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_a_converted_model_computes_the_reference_logits(tmp_path, tiktoken_dir, variant):
+    change, learned_wpe = VARIANTS[variant]
+    ref = {**REF, **change}
+    sd = reference_weights(ref, learned_wpe=learned_wpe)
+    if not ref["enable_bigram_table"]:
+        sd["final_logits_bias"] = torch.zeros(V)  # nothing could carry a logit bias
+    src = write_reference(tmp_path / "csp_test", ref, sd)
     out = from_reference(src, tmp_path / "ours", tokenizer=str(tiktoken_dir))
     model, tok, cfg, state = load_model(out)
     idx = torch.randint(0, V, (3, T), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ours = model(idx)[0]
-        theirs = reference_forward(reference_weights(), REF, idx)
+        theirs = reference_forward(sd, ref, idx)
     assert torch.allclose(ours, theirs, atol=2e-5, rtol=1e-5), (ours - theirs).abs().max()
+    assert cfg.model.pos_emb == (PosEmb.learned if learned_wpe else PosEmb.none) and cfg.model.d_mlp == ref["n_mlp"]
     weights = torch.load(out / "model.pt", weights_only=True)
-    assert torch.equal(weights["lm_head.weight"], weights["wte.weight"])  # the tied unembedding, as a copy
-    assert state["converted_from"]["densities"]["hidden"] == pytest.approx(0.25, abs=0.02)
+    if ref["tied_unembed"]:
+        assert torch.equal(weights["lm_head.weight"], weights["wte.weight"])  # the tied unembedding, as a copy
+    assert state["converted_from"]["densities"]["hidden"] == pytest.approx(0.25, abs=0.03)
     assert tok.get_vocab_size() == V and tok.token_to_id("<|endoftext|>") == V - 1
+
+
+def test_a_converted_model_is_inspected_with_the_densities_found(tmp_path, tiktoken_dir):
+    out = from_reference(write_reference(tmp_path / "csp_test"), tmp_path / "ours", tokenizer=str(tiktoken_dir))
     inspected = subprocess.run([sys.executable, "-m", "sparse_lm.inspect", str(out)], cwd=REPO, capture_output=True, text=True)
     assert inspected.returncode == 0 and "densities found: embed" in inspected.stdout and "hidden 0.2" in inspected.stdout
+
+
+def test_an_exported_model_computes_the_same_logits_in_the_reference(tmp_path):
+    """Export checked by the transcription of the reference, not by our own importer."""
+    from sparse_lm.config import ModelConfig
+    from sparse_lm.model import GPT
+
+    for extra in ({}, {"bias": False, "attn_sink": False, "activation": Activation.relu, "norm": Norm.layer}):
+        torch.manual_seed(0)
+        cfg = ModelConfig(vocab_size=V, ctx_len=T, n_layer=L, d_model=D, d_head=DH, d_mlp=M, topk_sites=["attn_in", "attn_k", "mlp_neuron"], **extra)
+        model = GPT(cfg).eval()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith(("bias", "sink")):
+                    p.normal_()
+        ref, sd = reference.export(cfg, model.state_dict(), 0.25)
+        idx = torch.randint(0, V, (2, T), generator=torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            assert torch.allclose(model(idx)[0], reference_forward(sd, ref, idx), atol=2e-5, rtol=1e-5), extra
 
 
 @pytest.mark.parametrize("change, field", [
@@ -153,7 +210,7 @@ def test_what_our_model_cannot_represent_fails_naming_the_field(tmp_path, tiktok
     sd = reference_weights()
     if change.get("enable_bigram_table") is False:
         del sd["bigram_table"]
-    src = write_reference(tmp_path / "bad", {**REF, **change}, sd)
+    src = write_reference(tmp_path / "bad", {**REF, **change}, sd)  # final_logits_bias stays nonzero
     with pytest.raises(UserError, match=f"reference field {field.replace('(', '[(]')}"):
         from_reference(src, tmp_path / "out", tokenizer=str(tiktoken_dir))
     assert not (tmp_path / "out").exists()
@@ -252,3 +309,22 @@ def test_a_hub_model_loads_from_its_local_snapshot_and_fails_clearly_without_net
     assert missing.returncode == 1
     assert "hf:someone/other: not in the local Hugging Face cache and not downloadable" in missing.stderr
     assert "download the model elsewhere and give its directory instead" in missing.stderr
+
+
+def test_shapes_sinks_and_tokenizers_are_read_from_what_is_there(tmp_path, tiktoken_dir, monkeypatch):
+    sd = reference_weights()
+    sd["transformer.wte.weight"] = sd["lm_head.weight"] = torch.zeros(V + 1, D)
+    with pytest.raises(UserError, match=r"transformer.wte.weight has shape \(301, 32\), but beeg_config.json implies \(300, 32\)"):
+        from_reference(write_reference(tmp_path / "shape", REF, sd), tmp_path / "o1", tokenizer=str(tiktoken_dir))
+    no_logits = {k: w for k, w in reference_weights().items() if "sink_logit" not in k}  # sink=true, used without flash
+    out = from_reference(write_reference(tmp_path / "nosink", REF, no_logits), tmp_path / "o2", tokenizer=str(tiktoken_dir))
+    assert checkpoint.load_config(out).model.attn_sink is False
+    # a tokenizer beside the model wins over $TINYPYTHON_TOK_DIR; without either, the error says where to put one
+    src = write_reference(tmp_path / "beside")
+    import shutil
+
+    shutil.copytree(tiktoken_dir, src / "tokenizer")
+    monkeypatch.setenv("TINYPYTHON_TOK_DIR", str(tmp_path / "elsewhere"))
+    assert from_reference(src, tmp_path / "o3").joinpath("tiktoken", "vocab.bpe").read_text() == (tiktoken_dir / "vocab.bpe").read_text()
+    with pytest.raises(UserError, match="no tokenizer found for this model .* or set TINYPYTHON_TOK_DIR"):
+        from_reference(write_reference(tmp_path / "bare"), tmp_path / "o4")

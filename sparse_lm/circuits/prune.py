@@ -8,7 +8,6 @@ invocation's files intact, and an earlier invocation's results are never replace
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import tempfile
 import time
@@ -67,6 +66,9 @@ def pretraining_tokens(mcfg, n: int, cfg: PruneConfig, tokenizer=None) -> tuple[
     data = prepare(data_cfg, tokenizer)
     T = mcfg.model.ctx_len
     n = min(n, (len(data.train) - 1) // T)
+    if n == 0:
+        raise UserError(f"{data_cfg.path or data_cfg.source.value}: fewer than {T + 1} training tokens, not one sequence of "
+                        f"model.ctx_len={T} to take the ablation means over")
     tokens = torch.from_numpy(np.asarray(data.train[: n * T], dtype=np.int64)).view(n, T)
     return tokens, {"source": data.meta["source"], "cache": str(data.dir), "sequences": n,
                     "tokenizer": "the model's own" if tokenizer is not None else "the data's"}
@@ -94,7 +96,9 @@ def prune_all(model: GPT, tokenizer, mcfg, state: dict, ckpt: Path, tasks: list[
     asked = controls_asked(cfg)
     converted = "converted_from" in state  # sparse_lm.convert: no pretraining data of its own
     tokens, means_from = pretraining_tokens(mcfg, cfg.mean_sequences, cfg, tokenizer if converted or cfg.means_data else None)
-    other = "" if cfg.means_data is None else "-" + hashlib.sha256(str(Path(cfg.means_data).resolve()).encode()).hexdigest()[:8]
+    # Statistics over other data than the checkpoint's own are named after that data's cache entry (corpus,
+    # tokenizer and settings): an edited corpus or another interpreter's stdlib gets statistics of its own.
+    other = "" if not (converted or cfg.means_data) else "-" + Path(means_from["cache"]).name
     stats = cached_stats(model, tokens, ckpt / f"site_stats-{cfg.mean_sequences}{other}.pt")
     trained = subject("trained model", model, tokens, stats)
     controls = {}

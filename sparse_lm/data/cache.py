@@ -22,7 +22,7 @@ import numpy as np
 
 from sparse_lm.config import DataConfig, Source, check_ranges
 from sparse_lm.data import sources
-from sparse_lm.data.tokenizer import EOT, file_hash, train_tokenizer
+from sparse_lm.data.tokenizer import EOT, TIKTOKEN_DIR, file_hash, saved_hash, train_tokenizer
 from sparse_lm.errors import UserError
 from sparse_lm.fsutil import atomic_directory, write_json
 
@@ -43,6 +43,7 @@ class TokenData:
 
     @property
     def tokenizer_path(self) -> Path:
+        """The trained tokenizer's file (an entry made with a given tiktoken tokenizer keeps it in tiktoken/ instead)."""
         return self.dir / "tokenizer.json"
 
     @property
@@ -92,20 +93,12 @@ def tokenizer_key(tok) -> str:
 
 
 def save_tokenizer(tok, out: Path) -> str:
-    """Write a given tokenizer into a cache entry (tokenizer.json, or tiktoken/); return its hash as load() checks it."""
+    """Write a given tokenizer into a cache entry (tiktoken/ or tokenizer.json); return its hash as load() checks it."""
     if hasattr(tok, "hash"):
-        tok.save(out / "tiktoken")
-        return tok.hash
-    tok.save(str(out / "tokenizer.json"))
-    return file_hash(out / "tokenizer.json")
-
-
-def entry_tokenizer_hash(entry: Path) -> str:
-    if (entry / "tiktoken").is_dir():
-        from sparse_lm.data.tiktoken_tokenizer import TiktokenTokenizer
-
-        return TiktokenTokenizer(entry / "tiktoken").hash
-    return file_hash(entry / "tokenizer.json")
+        tok.save(out / TIKTOKEN_DIR)
+    else:
+        tok.save(str(out / "tokenizer.json"))
+    return saved_hash(out)
 
 
 def trained_tokenizer(out: Path, documents: Callable[[], Iterable[tuple[str, str]]], cfg: DataConfig, t0: float):
@@ -195,10 +188,10 @@ def load(entry: Path) -> TokenData:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as e:
         raise CacheError(f"{meta_path}: not valid JSON ({e}); the cache entry is damaged. Delete {entry} to rebuild it.") from None
-    actual = entry_tokenizer_hash(entry)
+    actual = saved_hash(entry)
     if actual != meta["tokenizer_hash"]:
         raise CacheError(
-            f"{entry / ('tiktoken' if (entry / 'tiktoken').is_dir() else 'tokenizer.json')}: tokenizer hash {actual[:12]} does not match the {meta['tokenizer_hash'][:12]} "
+            f"{entry / (TIKTOKEN_DIR if (entry / TIKTOKEN_DIR).is_dir() else 'tokenizer.json')}: tokenizer hash {actual[:12]} does not match the {meta['tokenizer_hash'][:12]} "
             f"the tokens were made with (meta.json). Delete {entry} to rebuild it."
         )
     arrays = {}

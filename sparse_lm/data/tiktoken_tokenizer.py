@@ -53,7 +53,8 @@ class TiktokenTokenizer:
         declared = json.loads((self.dir / "encoder.json").read_text()).get(EOT)
         self.eot = len(ranks) if declared is None else int(declared)  # tinypython_2k: 2047, right after the merges
         self.enc = tiktoken.Encoding(name, pat_str=PATTERN, mergeable_ranks=ranks, special_tokens={EOT: self.eot})
-        self.hash = hashlib.sha256("".join(digests[f] for f in FILES).encode()).hexdigest()
+        identity = [digests[f] for f in FILES] + [PATTERN, str(self.eot), name]  # what decides the ids a text gets
+        self.hash = hashlib.sha256("\n".join(identity).encode()).hexdigest()
 
     def encode(self, text: str) -> Encoding:
         return Encoding(self.enc.encode(text, allowed_special="all"))

@@ -9,6 +9,7 @@ from typing import Iterable
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 EOT = "<|endoftext|>"
+TIKTOKEN_DIR = "tiktoken"  # where a checkpoint or cache entry keeps a tiktoken tokenizer (tinypython_2k), else tokenizer.json
 
 # GPT-4's split pattern (cl100k): digits in groups of up to three, case-insensitive contractions, runs of
 # punctuation kept together. It gave ~7.5% fewer tokens on code than GPT-2's pattern.
@@ -42,3 +43,19 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 
 def file_hash(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def load_from(directory: str | Path):
+    """The tokenizer a checkpoint or a cache entry keeps: tiktoken/ (a converted reference model's) or tokenizer.json."""
+    if (Path(directory) / TIKTOKEN_DIR).is_dir():
+        from sparse_lm.data.tiktoken_tokenizer import TiktokenTokenizer
+
+        return TiktokenTokenizer(Path(directory) / TIKTOKEN_DIR)
+    return load_tokenizer(Path(directory) / "tokenizer.json")
+
+
+def saved_hash(directory: str | Path) -> str:
+    """The identity of the tokenizer kept in `directory`, as meta.json and state.json record it."""
+    if (Path(directory) / TIKTOKEN_DIR).is_dir():
+        return load_from(directory).hash
+    return file_hash(Path(directory) / "tokenizer.json")

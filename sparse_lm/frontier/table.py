@@ -20,7 +20,7 @@ from sparse_lm.circuits.prune import default_output_dir
 from sparse_lm.config import PruneConfig
 from sparse_lm.frontier.grid import Point
 from sparse_lm.metrics import read_metrics
-from sparse_lm.roles import role
+from sparse_lm.roles import nonzeros_by_kind
 
 # Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (beyond: the normal's 1.96, within 4%).
 T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
@@ -53,8 +53,7 @@ class RunRow:
 
 
 def nonzero_params(ckpt: Path) -> int:
-    weights = checkpoint.load_weights(ckpt)
-    return int(sum((w != 0).sum() for name, w in weights.items() if role(name).kind in ("hidden", "embed", "bias")))
+    return sum(nz for nz, _ in nonzeros_by_kind(checkpoint.load_weights(ckpt)).values())
 
 
 def battery_run(summary: dict, config: dict) -> str:
