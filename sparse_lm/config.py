@@ -365,6 +365,27 @@ class FrontierConfig:
 
 
 @dataclass
+class PlateausConfig:
+    """`python -m sparse_lm.plateaus checkpoint=<run> [compare=[<run>, ...]]` (docs/plateaus.md)."""
+
+    checkpoint: str = MISSING
+    compare: list[str] = field(default_factory=list)  # more models, same protocol and prompts; differences reported
+    random_init: bool = True  # also each model's random-init copy (same shape and densities): the no-plateau control
+    site: Optional[str] = None  # where to perturb (default: the residual stream entering layer 1, "1.resid_pre")
+    readout: Optional[str] = None  # the late site of the L2/cosine read-outs (default: the last layer's resid_post)
+    n_prompts: int = ranged(256, 2)  # validation contexts: their activations give the mean and covariance
+    n_bases: int = ranged(64, 1)  # curves per base kind and direction
+    ctx: int = ranged(16, 1)  # tokens per context; the last position is perturbed
+    steps: int = ranged(21, 2)  # points per path (one forward row each)
+    levels: list[float] = ranged(**POSITIVE, factory=lambda: [0.1, 0.5, 1.0])  # KL thresholds (nats)
+    bootstrap: int = ranged(1000, 1)
+    seed: int = ranged(0, 0)
+    out_dir: Optional[str] = None  # default: <first run dir>/plateaus/<checkpoint name>
+    overwrite: bool = False
+    device: str = "cpu"
+
+
+@dataclass
 class InspectConfig:
     checkpoint: str = MISSING  # run directory or checkpoint directory
 
@@ -377,6 +398,7 @@ def register_configs() -> None:
     cs.store(name="bench_schema", node=BenchConfig)
     cs.store(name="prune_schema", node=PruneConfig)
     cs.store(name="frontier_schema", node=FrontierConfig)
+    cs.store(name="plateaus_schema", node=PlateausConfig)
 
 
 def flatten(value) -> list:

@@ -9,7 +9,7 @@ from hydra.errors import ConfigCompositionException
 
 from omegaconf import OmegaConf
 
-from sparse_lm.config import (BenchConfig, Config, DataConfig, FrontierConfig, InspectConfig, KernelsConfig, ModelConfig, OptimConfig,
+from sparse_lm.config import (BenchConfig, Config, DataConfig, FrontierConfig, InspectConfig, PlateausConfig, KernelsConfig, ModelConfig, OptimConfig,
                               PruneConfig, SampleConfig, SparsityConfig, TrainConfig, register_configs, to_object)
 from sparse_lm.errors import UserError
 from sparse_lm.model import GPT
@@ -82,12 +82,14 @@ def test_tool_configs_compose():
         sample = compose("sample", overrides=["checkpoint=runs/tiny", "top_k=null"])
         assert sample.checkpoint == "runs/tiny" and sample.top_k is None and SampleConfig(**sample).temperature == 0.8
         assert compose("inspect", overrides=["checkpoint=x"]).checkpoint == "x"
+        plateaus = to_object(compose("plateaus", overrides=["checkpoint=x", "compare=[a,b]"]), PlateausConfig)
+        assert plateaus.compare == ["a", "b"] and plateaus.levels == [0.1, 0.5, 1.0]
 
 
 SCHEMAS = {"model": ModelConfig, "data": DataConfig, "sparsity": SparsityConfig, "optim": OptimConfig, "train": TrainConfig,
            "kernels": KernelsConfig}
 TOOLS = {"sample.yaml": SampleConfig, "inspect.yaml": InspectConfig, "bench.yaml": BenchConfig, "prune.yaml": PruneConfig,
-         "frontier.yaml": FrontierConfig, **{f"frontier/{p.name}": FrontierConfig for p in (CONF / "frontier").glob("*.yaml")}}
+         "frontier.yaml": FrontierConfig, "plateaus.yaml": PlateausConfig, **{f"frontier/{p.name}": FrontierConfig for p in (CONF / "frontier").glob("*.yaml")}}
 
 
 def repeated_defaults(values, schema, prefix: str) -> list[str]:

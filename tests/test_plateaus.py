@@ -153,3 +153,32 @@ def test_crossings_intervals_and_the_rank_test_on_hand_values():
     # U = 56 against 32, variance 64/12 · (17 − 4·6/240) with four tied pairs: z = 2.528
     assert p == pytest.approx(math.erfc(24 / math.sqrt(64 / 12 * (17 - 24 / 240)) / math.sqrt(2)), rel=1e-9)
     assert rank_test([1, 2, 3], [1, 2, 3]) == (0.5, 1.0)
+
+
+def test_the_command_runs_a_model_and_its_random_init_copy_and_writes_its_report(tiny_run, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    out = tmp_path / "plateaus"
+    cmd = [sys.executable, "-m", "sparse_lm.plateaus", str(tiny_run), f"compare=[{tiny_run}]", f"out_dir={out}", "n_prompts=12",
+           "n_bases=4", "steps=5", "bootstrap=50", "ctx=8"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "plateaus.json").read_text())
+    labels = [m["label"] for m in report["models"]]
+    assert labels[1].endswith("random-init") and len(labels) == 4 and report["same_prompts"] is True
+    first = report["models"][0]
+    assert first["site"] == "1.resid_pre" and first["readout"] == "1.resid_post"
+    assert {(s["base"], s["direction"], s["path"]) for s in first["summaries"]} == {
+        (b, d, p) for b in ("real", "random") for d in ("real_other", "cov_random", "isotropic", "mix_real", "mix_cov")
+        for p in ("straight", "sphere")}
+    assert all(len(s["thresholds"]["0.5"]) == 4 for s in first["summaries"])
+    assert report["differences"][0]["model"] == labels[2]  # the same run compared with itself
+    rows = (out / "plateaus.csv").read_text().splitlines()
+    assert len(rows) == 1 + 4 * 20 * 4  # header, then 4 models × 20 curve sets × 4 curves
+    assert (out / "curves.png").stat().st_size > 20_000 and "difference of differences" in (out / "summary.txt").read_text()
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 1 and "already holds results" in again.stderr

@@ -52,3 +52,15 @@ def rank_test(a: list[float], b: list[float]) -> tuple[float, float]:
     var = n1 * n2 / 12 * ((n + 1) - float((counts**3 - counts).sum()) / (n * (n - 1)))
     z = (u - n1 * n2 / 2) / math.sqrt(var) if var > 0 else 0.0
     return u / (n1 * n2), math.erfc(abs(z) / math.sqrt(2))
+
+
+def bootstrap_difference(a: list[float], b: list[float], n: int = 1000, seed: int = 0) -> tuple[float, float, float]:
+    """mean(b) − mean(a), with the 2.5th and 97.5th percentiles of its bootstrap (each sample resampled on its own)."""
+    if not a or not b:
+        return math.nan, math.nan, math.nan
+    g = torch.Generator().manual_seed(seed)
+    ta, tb = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    da = ta[torch.randint(len(a), (n, len(a)), generator=g)].mean(1)
+    db = tb[torch.randint(len(b), (n, len(b)), generator=g)].mean(1)
+    diffs = db - da
+    return float(tb.mean() - ta.mean()), float(diffs.quantile(0.025)), float(diffs.quantile(0.975))
