@@ -49,6 +49,7 @@ COMMANDS: dict[str, list[str] | str] = {
     "python -m sparse_lm.frontier frontier=cpu launcher=submitit_local": FRONTIER_SMALL,
     "python -m sparse_lm.frontier frontier=paper launcher=submitit_slurm launcher_overrides=[hydra.launcher.partition=gpu,hydra.launcher.gpus_per_node=1,hydra.launcher.timeout_min=4320]":
         "needs a Slurm cluster and GPUs (the same code runs through submitit_local above)",
+    "python -m sparse_lm.plateaus runs/tiny": ["n_prompts=12", "n_bases=4", "steps=5", "bootstrap=50", "ctx=8"],
     "pip install -e .[reference]": "installation: .ci/run installs the test extras, which include tiktoken",
     "python -m sparse_lm.prune checkpoint=models/csp_yolo1 tasks=all": "needs a released model (a download); "
         "tests/test_reference.py prunes an exported one in the same format, given as a directory",
@@ -129,6 +130,7 @@ def test_readme_commands_run_as_printed(tmp_path, cache_dir):
     assert [t["task"] for t in control["tasks"]] == ["bracket_counting"]
     assert (runs / "tiny" / "circuits" / "battery" / "dict_key_quote.json").is_file()
     assert "max_steps" in out["python train.py --cfg job"]
+    assert (runs / "tiny" / "plateaus" / "step-000004" / "plateaus.json").is_file()
     assert (runs / "tiny-reference" / "beeg_config.json").is_file() and (runs / "tiny-back" / "model.pt").is_file()
     frontier = json.loads((runs / "frontier-cpu" / "frontier.json").read_text())
     assert [r["run"] for r in frontier["runs"]] == ["d64-d0.25-s0", "d128-d0.25-s0", "d128-dense-4-s0"]
