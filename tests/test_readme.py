@@ -23,8 +23,8 @@ PRUNE_SMALL = ["steps=10", "n_train=32", "n_test=16", "n_calib=16"]
 BENCH_SMALL = ["warmup_ms=1", "rep_ms=5", "densities=[0.1]", "cpu_tokens=128", "cpu_shapes=[[64,32]]", "cpu_abstopk_dims=[64]",
                "cpu_select_shape=[64,64]", "train_steps=1", "cpu_compare_steps=2",
                "cpu_train_overrides=['preset=tiny','model.n_layer=1','train.batch_size=2']"]
-# One-layer runs of 4 steps: a sparse run of each size and one dense baseline, pruned on one task.
-FRONTIER_SMALL = ["steps=4", "densities=[0.25]", "seeds=[0]", "dense_steps=[4]",
+# Two one-layer runs of 4 steps (one size: a sparse run and a dense baseline), pruned on one task.
+FRONTIER_SMALL = ["~sizes.d64", "steps=4", "densities=[0.25]", "seeds=[0]", "dense_steps=[4]",
                   "train_overrides=['preset=tiny','model.n_layer=1','train.eval_interval=2','train.ckpt_interval=2','train.eval_sequences=8']",
                   "prune_overrides=['tasks=[single_double_quote]','steps=10','n_train=32','n_test=16','n_calib=16','controls=[random_init,nonsense]']"]
 VERSUS_SMALL = ["versus_steps=2", "versus_noise_steps=1", "versus_check_every=1"]
@@ -133,8 +133,8 @@ def test_readme_commands_run_as_printed(tmp_path, cache_dir):
     assert (runs / "tiny" / "plateaus" / "step-000004" / "plateaus.json").is_file()
     assert (runs / "tiny-reference" / "beeg_config.json").is_file() and (runs / "tiny-back" / "model.pt").is_file()
     frontier = json.loads((runs / "frontier-cpu" / "frontier.json").read_text())
-    assert [r["run"] for r in frontier["runs"]] == ["d64-d0.25-s0", "d128-d0.25-s0", "d128-dense-4-s0"]
+    assert [r["run"] for r in frontier["runs"]] == ["d128-d0.25-s0", "d128-dense-4-s0"]
     assert all(r["val_loss"] is not None and r["battery"] for r in frontier["runs"])
-    assert "3 of 3 runs done, 0 to train" in out["python -m sparse_lm.frontier frontier=cpu launcher=submitit_local"]
+    assert "2 of 2 runs done, 0 to train" in out["python -m sparse_lm.frontier frontier=cpu launcher=submitit_local"]
     if not has_baseline:
         pytest.skip("git history without 3f6f79b (a shallow clone): the versus command was not run")
