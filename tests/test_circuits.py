@@ -222,6 +222,9 @@ def test_prune_command_writes_circuits_pictures_and_a_summary(tiny_run, tmp_path
         c = res["circuit"]
         assert c["edges"]["total"] == len(res["edge_list"]) and c["nodes"] == sum(len(v) for v in c["kept"].values())
         assert set(res["controls"]) == {"random_init"}
+        if c["nodes"] == 0:  # at this lenient target the whole-ablated model can pass: nothing to draw
+            assert not (out / f"{task}.png").exists()
+            continue
         assert (out / f"{task}.png").stat().st_size > 5_000
         page = (out / f"{task}.html").read_text()
         assert "<svg" in page and "http" not in page.replace("http://www.w3.org/2000/svg", "")  # self-contained
