@@ -73,6 +73,13 @@ def resolve(path: str | Path) -> Path:
     raise UserError(f"{path}: no checkpoint here (expected a run directory, its checkpoints/, or a step-N directory)")
 
 
+def results_dir(ckpt: Path, tool: str) -> Path:
+    """Where a tool writes what it found about a checkpoint by default: <run>/<tool>/step-N for a run's checkpoint,
+    <checkpoint>/<tool> for a checkpoint directory on its own."""
+    ckpt = Path(ckpt)
+    return ckpt.parent.parent / tool / ckpt.name if ckpt.parent.name == "checkpoints" else ckpt / tool
+
+
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -176,12 +183,12 @@ def load_config(ckpt: Path):
 
 def load_tokenizer(ckpt: Path):
     """The checkpoint's tokenizer."""
-    from sparse_lm.data.tokenizer import TIKTOKEN_DIR, load_from
+    from sparse_lm.data.tokenizer import load_from
 
-    if (Path(ckpt) / TIKTOKEN_DIR).is_dir():  # a converted reference model's tinypython_2k (sparse_lm.convert)
-        return load_from(ckpt)
     try:
-        return load_from(ckpt)
+        return load_from(ckpt)  # tokenizer.json, or tiktoken/ for a converted reference model (sparse_lm.convert)
+    except UserError:
+        raise  # the tiktoken adapter names its directory and what is wrong with it
     except Exception as e:
         raise damaged(Path(ckpt) / "tokenizer.json", e) from None
 

@@ -8,8 +8,8 @@ state.json (where it came from, the densities found in its weights) and the toke
 tinypython_2k pair encoder.json + vocab.bpe, taken from --tokenizer, else from the model directory or its
 `tokenizer/`, else from $TINYPYTHON_TOK_DIR; a directory exported by `to_reference` carries our tokenizer.json
 instead, which is used as it is. `to_reference` writes beeg_config.json and final_model.pt (weights only, as the
-reference loader reads them) and the model's tokenizer beside them (tokenizer.json, or tokenizer/ for a converted one). Every tool also accepts a reference directory directly: it is
-converted once into $SPARSE_LM_CACHE/converted/ (`checkpoint.resolve`). The mapping is in sparse_lm/reference.py.
+reference loader reads them) and the model's tokenizer beside them (tokenizer.json, or tokenizer/ for a converted
+one). Every tool also accepts a reference directory directly: it is converted once into $SPARSE_LM_CACHE/converted/ (`checkpoint.resolve`). The mapping is in sparse_lm/reference.py.
 """
 
 from __future__ import annotations
@@ -28,13 +28,10 @@ from sparse_lm import checkpoint, reference
 from sparse_lm.config import Config, DataConfig, SparsityConfig, TrainConfig, to_yaml
 from sparse_lm.data.tiktoken_tokenizer import FILES as TIKTOKEN_FILES
 from sparse_lm.data.tiktoken_tokenizer import TiktokenTokenizer, is_tiktoken_dir
-from sparse_lm.data.tokenizer import TIKTOKEN_DIR
-from sparse_lm.data.tokenizer import file_hash, load_tokenizer
+from sparse_lm.data.tokenizer import TIKTOKEN_DIR, load_tokenizer, saved_hash
 from sparse_lm.errors import UserError, reported
 from sparse_lm.fsutil import atomic_directory, write_json, write_text
 from sparse_lm.roles import nonzeros_by_kind
-
-
 
 CONVERT_VERSION = 1  # part of the cache key of converted models: a change to the mapping converts them again
 
@@ -60,10 +57,6 @@ def open_tokenizer(path: Path):
     return load_tokenizer(path) if path.name == "tokenizer.json" else TiktokenTokenizer(path)
 
 
-def tokenizer_identity(path: Path, tok) -> str:
-    return tok.hash if isinstance(tok, TiktokenTokenizer) else file_hash(path)
-
-
 def from_reference(src: str | Path, out: str | Path, tokenizer: str | None = None, replace: bool = False) -> Path:
     src, out = Path(src), Path(out)
     if out.exists() and not replace:
@@ -83,23 +76,22 @@ def from_reference(src: str | Path, out: str | Path, tokenizer: str | None = Non
     with atomic_directory(out) as tmp:
         torch.save(weights, tmp / "model.pt")
         write_text(tmp / "config.yaml", to_yaml(cfg))
-        write_json(tmp / "state.json", {"step": 0, "converted_from": {"format": "reference", "dir": str(src.resolve()),
-                                                                       "config": ref, "densities": found, "tokenizer": str(tok_path)},
-                                        "tokenizer_hash": tokenizer_identity(tok_path, tok)})
         if isinstance(tok, TiktokenTokenizer):
             tok.save(tmp / TIKTOKEN_DIR)
         else:
             shutil.copyfile(tok_path, tmp / "tokenizer.json")
+        write_json(tmp / "state.json", {"step": 0, "converted_from": {"format": "reference", "dir": str(src.resolve()),
+                                                                       "config": ref, "densities": found, "tokenizer": str(tok_path)},
+                                        "tokenizer_hash": saved_hash(tmp)})
     return out
 
 
 def cached_conversion(src: Path) -> Path:
     """A reference directory converted once into the cache, for tools given the directory. The key covers the model
     files, the tokenizer found for it and the converter's version."""
-    from sparse_lm.data.cache import default_cache_dir
+    from sparse_lm.data.cache import default_cache_dir, tokenizer_key
 
-    tok_path = find_tokenizer(src, None)
-    key = hashlib.sha256(f"v{CONVERT_VERSION};{tokenizer_identity(tok_path, open_tokenizer(tok_path))};".encode())
+    key = hashlib.sha256(f"v{CONVERT_VERSION};{tokenizer_key(open_tokenizer(find_tokenizer(src, None)))};".encode())
     for name in (reference.CONFIG_FILE, reference.WEIGHTS_FILE):
         st = (src / name).stat()
         key.update(f"{name}:{st.st_size}:{st.st_mtime_ns};".encode())

@@ -130,13 +130,8 @@ def prune_all(model: GPT, tokenizer, mcfg, state: dict, ckpt: Path, tasks: list[
     return results
 
 
-def default_output_dir(ckpt: Path) -> Path:
-    in_run = ckpt.parent.name == "checkpoints"  # <run>/checkpoints/step-N, or a checkpoint directory on its own
-    return ckpt.parent.parent / "circuits" / ckpt.name if in_run else ckpt / "circuits"
-
-
 def output_dir(cfg: PruneConfig, ckpt: Path) -> Path:
-    return Path(cfg.out_dir) if cfg.out_dir else default_output_dir(ckpt)
+    return Path(cfg.out_dir) if cfg.out_dir else checkpoint.results_dir(ckpt, "circuits")
 
 
 def run(cfg: PruneConfig) -> Results:

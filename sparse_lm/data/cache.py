@@ -22,7 +22,7 @@ import numpy as np
 
 from sparse_lm.config import DataConfig, Source, check_ranges
 from sparse_lm.data import sources
-from sparse_lm.data.tokenizer import EOT, TIKTOKEN_DIR, file_hash, saved_hash, train_tokenizer
+from sparse_lm.data.tokenizer import EOT, TIKTOKEN_DIR, saved_hash, train_tokenizer
 from sparse_lm.errors import UserError
 from sparse_lm.fsutil import atomic_directory, write_json
 
@@ -92,13 +92,12 @@ def tokenizer_key(tok) -> str:
     return getattr(tok, "hash", None) or hashlib.sha256(tok.to_str().encode()).hexdigest()
 
 
-def save_tokenizer(tok, out: Path) -> str:
-    """Write a given tokenizer into a cache entry (tiktoken/ or tokenizer.json); return its hash as load() checks it."""
+def save_tokenizer(tok, out: Path) -> None:
+    """Write a given tokenizer into a cache entry: tiktoken/ for the tiktoken adapter, else tokenizer.json."""
     if hasattr(tok, "hash"):
         tok.save(out / TIKTOKEN_DIR)
     else:
         tok.save(str(out / "tokenizer.json"))
-    return saved_hash(out)
 
 
 def trained_tokenizer(out: Path, documents: Callable[[], Iterable[tuple[str, str]]], cfg: DataConfig, t0: float):
@@ -122,10 +121,10 @@ def trained_tokenizer(out: Path, documents: Callable[[], Iterable[tuple[str, str
 def build(out: Path, documents: Callable[[], Iterable[tuple[str, str]]], cfg: DataConfig, tok=None) -> dict:
     t0 = time.time()
     if tok is not None:
-        tokenizer_hash = save_tokenizer(tok, out)
+        save_tokenizer(tok, out)
     else:
         tok = trained_tokenizer(out, documents, cfg, t0)
-        tokenizer_hash = file_hash(out / "tokenizer.json")
+    tokenizer_hash = saved_hash(out)  # what load() checks the entry against
 
     # Pass 2: encode every document, <|endoftext|> after each, appending to train.bin / val.bin.
     eot = tok.token_to_id(EOT)

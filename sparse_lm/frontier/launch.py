@@ -23,7 +23,6 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from sparse_lm import checkpoint
-from sparse_lm.circuits.prune import default_output_dir
 from sparse_lm.cli import CHECKOUT, compose_fresh
 from sparse_lm.config import Config, FrontierConfig, PruneConfig, to_object
 from sparse_lm.errors import UserError
@@ -111,12 +110,13 @@ def prune_missing(cfg: FrontierConfig, points: list[Point], sweep: Path, log=pri
     """Prune every final checkpoint without circuits yet; return the checkpoints launched."""
     wanted = prune_config(cfg)
     finals = [c for c in (final_checkpoint(p, sweep) for p in points) if c is not None]
-    done = [c for c in finals if (default_output_dir(c) / "summary.json").exists()]
+    done = [c for c in finals if (checkpoint.results_dir(c, "circuits") / "summary.json").exists()]
     for c in done:
-        changes = prune_changes(wanted, default_output_dir(c))
+        out = checkpoint.results_dir(c, "circuits")
+        changes = prune_changes(wanted, out)
         if changes:
             listed = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in changes.items())
-            raise UserError(f"{default_output_dir(c)} holds circuits pruned with other settings ({listed}). A sweep's "
+            raise UserError(f"{out} holds circuits pruned with other settings ({listed}). A sweep's "
                             f"circuits share one prune setting: choose a new sweep_dir, or delete that directory to re-prune")
     todo = [c for c in finals if c not in done]
     log(f"pruning: {len(done)} of {len(finals)} trained runs pruned, {len(todo)} to prune")

@@ -16,7 +16,6 @@ from pathlib import Path
 
 from sparse_lm import checkpoint
 from sparse_lm.circuits.battery import controls_asked, geometric_mean
-from sparse_lm.circuits.prune import default_output_dir
 from sparse_lm.config import PruneConfig
 from sparse_lm.frontier.grid import Point
 from sparse_lm.metrics import read_metrics
@@ -77,7 +76,7 @@ def run_row(point: Point, sweep: Path) -> RunRow:
     finals = [r["val_loss"] for r in read_metrics(point.run_dir(sweep) / "metrics.jsonl") if r.get("step") == point.steps and "val_loss" in r]
     row.val_loss = finals[-1] if finals else None
     row.nonzero_params = nonzero_params(ckpt)
-    out = default_output_dir(ckpt)
+    out = checkpoint.results_dir(ckpt, "circuits")
     if not (out / "summary.json").exists():
         return row
     row.pruned = True

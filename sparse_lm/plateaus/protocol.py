@@ -41,6 +41,10 @@ class Summary:
     curve_x: list[float] = field(default_factory=list)  # the median curve, for the pictures
     curve_kl: list[list[float]] = field(default_factory=list)  # 25th, 50th, 75th percentile of KL at each x
 
+    def hits(self, level: str) -> list[float]:
+        """The thresholds of the curves that cross `level`."""
+        return [v for v in self.thresholds[level] if v is not None]
+
 
 def targets(kind: str, bases: torch.Tensor, real: torch.Tensor, stats: Stats, gen: torch.Generator) -> torch.Tensor:
     n = bases.shape[0]
@@ -66,9 +70,8 @@ def summarize(base: str, direction: str, path: str, xs: torch.Tensor, kl: torch.
     for level in levels:
         at = [crossing(xs[i], kl[i], level) for i in range(kl.shape[0])]
         s.thresholds[str(level)] = at
-        hits = [a for a in at if a is not None]
-        s.mean[str(level)] = bootstrap_mean(hits, boot, seed)
-        s.crossed[str(level)] = len(hits) / len(at)
+        s.mean[str(level)] = bootstrap_mean(s.hits(str(level)), boot, seed)
+        s.crossed[str(level)] = len(s.hits(str(level))) / len(at)
     lo, hi = s.thresholds[str(min(levels))], s.thresholds[str(max(levels))]
     widths = sorted(b - a for a, b in zip(lo, hi) if a is not None and b is not None)
     s.width = widths[len(widths) // 2] if widths else None
@@ -123,8 +126,7 @@ def run_model(label: str, model, site: str, readout: str, prompts: torch.Tensor,
     res = ModelResult(label, site, readout, stats.shrinkage, summaries, {}, {})
     for level in map(str, levels):
         ro, cr = res.summary("real", "real_other", "sphere"), res.summary("real", "cov_random", "sphere")
-        hits = lambda s: [v for v in s.thresholds[level] if v is not None]  # noqa: E731
-        res.gap[level] = bootstrap_difference(hits(ro), hits(cr), boot, seed)
+        res.gap[level] = bootstrap_difference(ro.hits(level), cr.hits(level), boot, seed)
         res.rank[level] = rank_test(later(cr.thresholds[level]), later(ro.thresholds[level]))
     res.seconds = round(time.time() - t0, 1)
     return res

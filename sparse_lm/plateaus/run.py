@@ -76,8 +76,7 @@ def all_models(cfg: PlateausConfig):
 def output_dir(cfg: PlateausConfig) -> Path:
     if cfg.out_dir:
         return Path(cfg.out_dir)
-    ckpt = checkpoint.resolve(cfg.checkpoint)
-    return (ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt) / "plateaus" / ckpt.name
+    return checkpoint.results_dir(checkpoint.resolve(cfg.checkpoint), "plateaus")
 
 
 def differences(results: list[ModelResult], boot: int, seed: int) -> list[dict]:
@@ -86,10 +85,8 @@ def differences(results: list[ModelResult], boot: int, seed: int) -> list[dict]:
     out = []
     for other in trained[1:]:
         first = trained[0]
-        a = [v for v in first.summary("real", "cov_random", "sphere").thresholds[MAIN_LEVEL] if v is not None]
-        b = [v for v in first.summary("real", "real_other", "sphere").thresholds[MAIN_LEVEL] if v is not None]
-        c = [v for v in other.summary("real", "cov_random", "sphere").thresholds[MAIN_LEVEL] if v is not None]
-        d = [v for v in other.summary("real", "real_other", "sphere").thresholds[MAIN_LEVEL] if v is not None]
+        a, b, c, d = (m.summary("real", direction, "sphere").hits(MAIN_LEVEL)
+                      for m in (first, other) for direction in ("cov_random", "real_other"))
         g = torch.Generator().manual_seed(seed)
 
         def gap(x, y):
@@ -172,7 +169,7 @@ def draw(results: list[ModelResult], out: Path) -> None:
     fig, axes = plt.subplots(1, len(results), figsize=(3.2 * len(results), 3), squeeze=False, sharey=True)
     for ax, r in zip(axes[0], results):
         for i, d in enumerate(("real_other", "cov_random", "isotropic")):
-            vals = [v for v in r.summary("real", d, "sphere").thresholds[MAIN_LEVEL] if v is not None]
+            vals = r.summary("real", d, "sphere").hits(MAIN_LEVEL)
             ax.hist(vals, bins=20, range=(0, 180), alpha=0.5, color=f"C{DIRECTIONS.index(d)}", label=d)
         ax.set_title(r.label, fontsize=7)
         ax.set_xlabel(f"angle at KL {MAIN_LEVEL} (degrees)")
