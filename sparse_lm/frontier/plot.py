@@ -37,12 +37,17 @@ def draw(pts: list[PointRow], rows: list[RunRow], path: Path, title: str) -> Non
             for p in scored:
                 ax.annotate(f"{p.density:g}" if p.kind == "sparse" else f"{p.steps} steps", (p.gm_edges, p.val_loss),
                             textcoords="offset points", xytext=(5, 4), fontsize=7, color=color)
+        if not scored:  # the curve's colour still needs its name
+            ax.plot([], [], "o", mfc="none", color=color, label=label)
         for p in members:
             if p.gm_edges is not None or p.val_loss is None:
                 continue
             every = [e for r in rows if r.point == p.point for e in r.circuits.values()]
             if every:
-                ax.plot([geometric_mean(every)], [p.val_loss], "o", mfc="none", color=color)
+                x = geometric_mean(every)
+                ax.plot([x], [p.val_loss], "o", mfc="none", color=color)
+                ax.annotate(f"{p.density:g}" if p.kind == "sparse" else f"{p.steps} steps", (x, p.val_loss),
+                            textcoords="offset points", xytext=(5, 4), fontsize=7, color=color)
             else:
                 unplaced.append(f"{p.point} ({p.val_loss:.3f})")
     ax.plot([], [], "o", mfc="none", color="gray", label="no passing circuit: mean over all its circuits")
