@@ -385,6 +385,82 @@ class PlateausConfig:
     device: str = "cpu"
 
 
+class Toy(Enum):
+    tms = "tms"  # toy model of superposition
+    resid_mlp = "resid_mlp"  # residual MLP computing more ReLUs than it has neurons
+
+
+@dataclass
+class ToyConfig:
+    """A toy target with a known mechanism (sparse_lm/decompose/toys.py); trained first, then decomposed."""
+
+    kind: Toy = Toy.tms
+    n_features: int = ranged(40, 1)
+    n_hidden: int = ranged(10, 1)  # TMS hidden width
+    tied: bool = True  # TMS: W2 = W1ᵀ
+    hidden_identity: bool = False  # TMS: a frozen identity matrix between the two
+    d_embed: int = ranged(1000, 1)  # residual MLP: width of the residual stream
+    d_mlp: int = ranged(50, 1)  # residual MLP: neurons per layer
+    n_layers: int = ranged(1, 1)  # residual MLP: layers
+    feature_probability: float = ranged(0.05, **DENSITY)
+    value_range: list[float] = ranged(factory=lambda: [0.0, 1.0])  # [lo, hi]: an active feature's value is uniform in it
+    steps: int = ranged(10_000, 1)  # training of the toy itself
+    batch_size: int = ranged(1024, 1)
+    lr: float = ranged(5e-3, **POSITIVE)
+    seed: int = ranged(0, 0)
+
+
+class Method(Enum):
+    spd = "spd"  # stochastic parameter decomposition
+    apd = "apd"  # attribution-based parameter decomposition
+
+
+class Init(Enum):
+    random = "random"  # random unit directions scaled by their overlap with the target (published)
+    ground_truth = "ground_truth"  # a toy's known pieces (the oracle start; TMS only)
+
+
+@dataclass
+class DecomposeConfig:
+    """`python -m sparse_lm.decompose decompose=tms_40_10` (docs/decompose.md). Either `toy` or `checkpoint`."""
+
+    method: Method = Method.spd
+    toy: Optional[ToyConfig] = None  # decompose this toy (trained first, kept in out_dir/toy.pt) ...
+    checkpoint: Optional[str] = None  # ... or this trained model (run dir or checkpoint)
+    modules: list[str] = field(default_factory=lambda: ["linear1", "linear2"])  # the nn.Linear layers to decompose
+    C: int = ranged(200, 1)  # subcomponents per matrix (SPD) or components (APD)
+    init: Init = Init.random
+    pattern: bool = False  # restrict every subcomponent to the target's nonzero entries (weight-sparse targets)
+    steps: int = ranged(10_000, 1)
+    batch_size: int = ranged(4096, 1)  # toy inputs, or token sequences of `ctx` for a checkpoint
+    ctx: int = ranged(64, 2)  # tokens per sequence (checkpoint targets)
+    lr: float = ranged(1e-3, **POSITIVE)  # AdamW, cosine decay to 0
+    seed: int = ranged(0, 0)
+    # SPD: loss coefficients (docs/decompose.md); faithfulness is the mean squared error over the decomposed weights
+    faithfulness: float = ranged(1000.0, 0)
+    stochastic_recon: float = ranged(1.0, 0)
+    stochastic_recon_layerwise: float = ranged(1.0, 0)
+    importance_minimality: float = ranged(1e-4, 0)
+    p: float = ranged(1.0, **POSITIVE)  # exponent of the importance minimality loss
+    ci_hidden: int = ranged(16, 1)  # width of each subcomponent's causal-importance MLP
+    n_mask_samples: int = ranged(1, 1)
+    warmup_steps: int = ranged(200, 0)  # faithfulness-only warmup of the subcomponents
+    warmup_lr: float = ranged(0.01, **POSITIVE)
+    # APD
+    topk: float = ranged(1.0, **POSITIVE)  # batch top-k: components kept per input, on average over the batch
+    minimality: float = ranged(1.0, 0)  # coefficient of the top-k reconstruction loss
+    simplicity: float = ranged(1.0, 0)  # coefficient of the Schatten-p loss
+    schatten_p: float = ranged(0.9, **POSITIVE)
+    m: Optional[int] = ranged(None, 1)  # inner width of each APD component (null: min(d_in, d_out), full rank)
+    # run
+    eval_interval: int = ranged(1000, 1)
+    ckpt_interval: int = ranged(1000, 1)
+    out_dir: Optional[str] = None  # default: runs/decompose-<name> (a toy) or <run>/decompose/<checkpoint> (a model)
+    name: str = "decompose"
+    overwrite: bool = False
+    device: str = "cpu"
+
+
 @dataclass
 class InspectConfig:
     checkpoint: str = MISSING  # run directory or checkpoint directory
@@ -399,6 +475,7 @@ def register_configs() -> None:
     cs.store(name="prune_schema", node=PruneConfig)
     cs.store(name="frontier_schema", node=FrontierConfig)
     cs.store(name="plateaus_schema", node=PlateausConfig)
+    cs.store(name="decompose_schema", node=DecomposeConfig)
 
 
 def flatten(value) -> list:

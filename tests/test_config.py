@@ -9,8 +9,8 @@ from hydra.errors import ConfigCompositionException
 
 from omegaconf import OmegaConf
 
-from sparse_lm.config import (BenchConfig, Config, DataConfig, FrontierConfig, InspectConfig, PlateausConfig, KernelsConfig, ModelConfig, OptimConfig,
-                              PruneConfig, SampleConfig, SparsityConfig, TrainConfig, register_configs, to_object)
+from sparse_lm.config import (BenchConfig, Config, DataConfig, DecomposeConfig, FrontierConfig, InspectConfig, PlateausConfig, KernelsConfig, ModelConfig, OptimConfig,
+                              PruneConfig, SampleConfig, SparsityConfig, ToyConfig, TrainConfig, register_configs, to_object)
 from sparse_lm.errors import UserError
 from sparse_lm.model import GPT
 from sparse_lm.sparsity import Sparsifier
@@ -25,7 +25,7 @@ def compose_train(*overrides: str) -> Config:
         return to_object(compose("config", overrides=list(overrides)))
 
 
-TOOL_GROUPS = {"frontier"}  # groups of a tool's config, not of train.py's (test_frontier composes them)
+TOOL_GROUPS = {"frontier", "decompose"}  # groups of a tool's config, not of train.py's (test_frontier, test_decompose compose them)
 
 
 def group_options():
@@ -89,7 +89,9 @@ def test_tool_configs_compose():
 SCHEMAS = {"model": ModelConfig, "data": DataConfig, "sparsity": SparsityConfig, "optim": OptimConfig, "train": TrainConfig,
            "kernels": KernelsConfig}
 TOOLS = {"sample.yaml": SampleConfig, "inspect.yaml": InspectConfig, "bench.yaml": BenchConfig, "prune.yaml": PruneConfig,
-         "frontier.yaml": FrontierConfig, "plateaus.yaml": PlateausConfig, **{f"frontier/{p.name}": FrontierConfig for p in (CONF / "frontier").glob("*.yaml")}}
+         "frontier.yaml": FrontierConfig, "plateaus.yaml": PlateausConfig, "decompose.yaml": DecomposeConfig,
+         **{f"{g}/{p.name}": schema for g, schema in (("frontier", FrontierConfig), ("decompose", DecomposeConfig))
+            for p in (CONF / g).glob("*.yaml")}}
 
 
 def repeated_defaults(values, schema, prefix: str) -> list[str]:
@@ -147,7 +149,7 @@ def test_every_numeric_field_of_every_schema_has_a_range():
     from dataclasses import fields, is_dataclass
 
     missing = []
-    for schema in (Config, SampleConfig, BenchConfig, PruneConfig, InspectConfig):
+    for schema in (Config, SampleConfig, BenchConfig, PruneConfig, InspectConfig, DecomposeConfig, ToyConfig):
         stack = [(schema, schema.__name__)]
         while stack:
             cls, prefix = stack.pop()

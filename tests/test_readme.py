@@ -49,6 +49,9 @@ COMMANDS: dict[str, list[str] | str] = {
     "python -m sparse_lm.frontier frontier=cpu launcher=submitit_local": FRONTIER_SMALL,
     "python -m sparse_lm.frontier frontier=paper launcher=submitit_slurm launcher_overrides=[hydra.launcher.partition=gpu,hydra.launcher.gpus_per_node=1,hydra.launcher.timeout_min=4320]":
         "needs a Slurm cluster and GPUs (the same code runs through submitit_local above)",
+    "python -m sparse_lm.decompose decompose=tms_40_10": ["toy.steps=100", "steps=4", "batch_size=128", "eval_interval=2", "ckpt_interval=2"],
+    "python -m sparse_lm.decompose decompose=tiny_mlp checkpoint=runs/tiny pattern=true":
+        ["steps=3", "batch_size=2", "ctx=16", "C=8", "eval_interval=3", "ckpt_interval=3"],
     "python -m sparse_lm.plateaus runs/tiny": ["n_prompts=12", "n_bases=4", "steps=5", "bootstrap=50", "ctx=8"],
     "pip install -e .[reference]": "installation: .ci/run installs the test extras, which include tiktoken",
     "python -m sparse_lm.prune checkpoint=models/csp_yolo1 tasks=all": "needs a released model (a download); "

@@ -1,0 +1,1 @@
+"""Parameter decomposition (APD, SPD) of toy models and of trained transformers' matrices (docs/decompose.md)."""

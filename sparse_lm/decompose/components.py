@@ -1,0 +1,111 @@
+"""Rank-one subcomponents of a model's linear layers, applied from outside through forward hooks.
+
+A decomposed `nn.Linear` with weight W [d_out, d_in] gets C subcomponents W_c = U_c V_cᵀ (U_c ∈ R^d_out,
+V_c ∈ R^d_in). With a mask m ∈ [0, 1]^C per input, the layer's output is replaced by
+
+    Σ_c m_c U_c (V_cᵀ x) + bias   =   ((x V) ⊙ m) U + bias,
+
+so no per-input weight matrix is ever materialised: the cost is two thin matmuls. The target model itself is
+frozen and unchanged; `replaced` swaps a module's output for a function of its input for the duration of a block.
+
+For a weight-sparse target, `pattern=True` restricts every subcomponent to the target's nonzero entries,
+W_c = (U_c V_cᵀ) ⊙ M, where M is 1 where W ≠ 0. Then the output is Σ_c m_c U_c ⊙ (M (V_c ⊙ x)), one [C, d_out]
+product per input, still without a per-input matrix.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from sparse_lm.errors import UserError
+
+
+class LinearComponents(nn.Module):
+    def __init__(self, target: nn.Linear, C: int, pattern: bool = False):
+        super().__init__()
+        d_out, d_in = target.weight.shape
+        self.C, self.d_in, self.d_out = C, d_in, d_out
+        self.V = nn.Parameter(torch.empty(d_in, C))
+        self.U = nn.Parameter(torch.empty(C, d_out))
+        self.register_buffer("pattern", (target.weight.detach() != 0).T.float() if pattern else None)  # [d_in, d_out]
+        self.bias = target.bias  # not decomposed; the target's own (frozen) bias
+        self.init_from(target.weight.detach())
+
+    @torch.no_grad()
+    def init_from(self, weight: torch.Tensor) -> None:
+        """Random unit directions, each U_c scaled by its overlap with the target (the published initialisation)."""
+        self.V.copy_(torch.randn_like(self.V))
+        self.V /= self.V.norm(dim=0, keepdim=True)
+        self.U.copy_(torch.randn_like(self.U))
+        self.U /= self.U.norm(dim=1, keepdim=True)
+        overlap = torch.einsum("co,oi,ic->c", self.U, weight, self.V)
+        self.U *= overlap[:, None]
+
+    def weights(self) -> torch.Tensor:
+        """Every subcomponent as a matrix [C, d_out, d_in] (for losses and metrics, not the forward pass)."""
+        w = torch.einsum("co,ic->coi", self.U, self.V)
+        return w * self.pattern.T if self.pattern is not None else w
+
+    def weight(self) -> torch.Tensor:
+        """Σ_c W_c [d_out, d_in]."""
+        w = (self.V @ self.U).T
+        return w * self.pattern.T if self.pattern is not None else w
+
+    def inner(self, x: torch.Tensor) -> torch.Tensor:
+        """V_cᵀ x for every c [..., C]: the causal-importance functions' input."""
+        return x @ self.V
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.pattern is None:
+            a = self.inner(x)
+            out = (a if mask is None else a * mask) @ self.U
+        else:
+            h = torch.einsum("...i,ic,io->...co", x, self.V, self.pattern)  # M (V_c ⊙ x) per c
+            h = h * self.U
+            out = (h if mask is None else h * mask[..., None]).sum(-2)
+        return out if self.bias is None else out + self.bias
+
+
+@contextmanager
+def replaced(model: nn.Module, fns: dict[str, Callable[[torch.Tensor], torch.Tensor]]) -> Iterator[None]:
+    """Inside the block, module `name`'s output is fns[name](its input)."""
+    handles = [model.get_submodule(name).register_forward_hook(lambda _m, inp, _out, fn=fn: fn(inp[0]))
+               for name, fn in fns.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def run_recording_inputs(model: nn.Module, names: list[str], x) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(the target's output, each named module's input) from one clean forward pass."""
+    inputs: dict[str, torch.Tensor] = {}
+    handles = [model.get_submodule(n).register_forward_pre_hook(lambda _m, inp, n=n: inputs.__setitem__(n, inp[0]))
+               for n in names]
+    try:
+        out = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return out, inputs
+
+
+def linear_modules(model: nn.Module, names: list[str]) -> dict[str, nn.Linear]:
+    """The named modules, after checking each exists and is an nn.Linear (the error names the bad one)."""
+    out = {}
+    available = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    for n in names:
+        try:
+            m = model.get_submodule(n)
+        except AttributeError:
+            raise UserError(f"modules: {n!r} is not a module of the target; its linear layers are {available}") from None
+        if not isinstance(m, nn.Linear):
+            raise UserError(f"modules: {n!r} is a {type(m).__name__}, not an nn.Linear; the linear layers are {available}")
+        out[n] = m
+    return out

@@ -1,0 +1,99 @@
+"""The decomposition's pictures: training curves; for a toy, each matrix's pieces against the ground truth and the
+causal importances on one-hot inputs (subcomponents ordered by the feature they match, so a clean decomposition
+shows an identity)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from sparse_lm.fsutil import atomic_file
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def curves(history: list[dict], path: Path) -> None:
+    plt = _plt()
+    keys = [k for k in history[0] if k != "step" and isinstance(history[0][k], (int, float)) and "/" not in k]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [h["step"] for h in history]
+    for k in keys:
+        ax.plot(steps, [max(h[k], 1e-12) for h in history], marker="o", ms=3, label=k)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss term (before its coefficient)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+
+
+def matched_order(score: torch.Tensor) -> list[int]:
+    """Columns of score [F, C] ordered so that feature f's best match comes f-th (each used once), the rest after."""
+    used, order = set(), []
+    for f in range(score.shape[0]):
+        for c in score[f].argsort(descending=True).tolist():
+            if c not in used:
+                used.add(c)
+                order.append(c)
+                break
+    return order + [c for c in range(score.shape[1]) if c not in used]
+
+
+def components(dec, truth: dict[str, torch.Tensor], path: Path) -> None:
+    """Per matrix: |cosine| between every ground-truth piece (rows) and every learned piece (columns, matched first)."""
+    plt = _plt()
+    names = [n for n in dec.names if n in truth]
+    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
+    for ax, n in zip(axes[0], names):
+        w = (dec.comp(n).weights() if hasattr(dec, "comp") else dec.component_weights(n)).detach()
+        c, t = w.reshape(len(w), -1), truth[n].reshape(len(truth[n]), -1)
+        cos = ((t @ c.T) / (t.norm(dim=1, keepdim=True) * c.norm(dim=1)[None]).clamp_min(1e-12)).abs()
+        order = matched_order(cos)[: max(t.shape[0] + 10, 1)]
+        im = ax.imshow(cos[:, order], vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        ax.set_title(f"{n}: |cos| ground truth × learned")
+        ax.set_xlabel("learned piece (matched first)")
+        ax.set_ylabel("ground-truth piece (feature)")
+        fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+
+
+def importance(ci: dict[str, torch.Tensor], path: Path) -> None:
+    """Causal importance of every subcomponent (columns, matched first) with one feature on (rows)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(ci), figsize=(5 * len(ci), 4), squeeze=False)
+    for ax, (n, g) in zip(axes[0], ci.items()):
+        order = matched_order(g)[: g.shape[0] + 10]
+        im = ax.imshow(g[:, order], vmin=0, vmax=1, cmap="magma", aspect="auto")
+        ax.set_title(f"{n}: causal importance, one-hot inputs")
+        ax.set_xlabel("subcomponent (matched first)")
+        ax.set_ylabel("active feature")
+        fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+
+
+def draw_all(dec, t, history: list[dict], out: Path) -> None:
+    from sparse_lm.decompose.metrics import one_hot_importance
+    from sparse_lm.decompose.spd import SPD
+
+    if history:
+        curves(history, out / "curves.png")
+    if t.truth is not None:
+        components(dec, t.truth, out / "components.png")
+    if t.n_features and isinstance(dec, SPD):
+        importance(one_hot_importance(dec, t.n_features), out / "importance.png")
