@@ -49,42 +49,37 @@ def matched_order(score: torch.Tensor) -> list[int]:
     return order + [c for c in range(score.shape[1]) if c not in used]
 
 
-def components(dec, truth: dict[str, torch.Tensor], path: Path) -> None:
-    """Per matrix: |cosine| between every ground-truth piece (rows) and every learned piece (columns, matched first)."""
+def heatmaps(panels: list[tuple[str, torch.Tensor]], path: Path, cmap: str, xlabel: str, ylabel: str) -> None:
+    """One [rows, columns] heatmap in [0, 1] per panel, side by side."""
     plt = _plt()
-    names = [n for n in dec.names if n in truth]
-    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
-    for ax, n in zip(axes[0], names):
-        w = (dec.comp(n).weights() if hasattr(dec, "comp") else dec.component_weights(n)).detach()
-        c, t = w.reshape(len(w), -1), truth[n].reshape(len(truth[n]), -1)
-        cos = ((t @ c.T) / (t.norm(dim=1, keepdim=True) * c.norm(dim=1)[None]).clamp_min(1e-12)).abs()
-        order = matched_order(cos)[: max(t.shape[0] + 10, 1)]
-        im = ax.imshow(cos[:, order], vmin=0, vmax=1, cmap="viridis", aspect="auto")
-        ax.set_title(f"{n}: |cos| ground truth × learned")
-        ax.set_xlabel("learned piece (matched first)")
-        ax.set_ylabel("ground-truth piece (feature)")
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (title, values) in zip(axes[0], panels):
+        im = ax.imshow(values, vmin=0, vmax=1, cmap=cmap, aspect="auto")
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
         fig.colorbar(im, ax=ax)
     fig.tight_layout()
     with atomic_file(path) as tmp:
         fig.savefig(tmp, dpi=110)
     plt.close(fig)
+
+
+def components(dec, truth: dict[str, torch.Tensor], path: Path) -> None:
+    """Per matrix: |cosine| between every ground-truth piece (rows) and every learned piece (columns, matched first)."""
+    panels = []
+    for n in (n for n in dec.names if n in truth):
+        w = (dec.comp(n).weights() if hasattr(dec, "comp") else dec.component_weights(n)).detach()
+        c, t = w.reshape(len(w), -1), truth[n].reshape(len(truth[n]), -1)
+        cos = ((t @ c.T) / (t.norm(dim=1, keepdim=True) * c.norm(dim=1)[None]).clamp_min(1e-12)).abs()
+        panels.append((f"{n}: |cos| ground truth × learned", cos[:, matched_order(cos)[: t.shape[0] + 10]]))
+    heatmaps(panels, path, "viridis", "learned piece (matched first)", "ground-truth piece (feature)")
 
 
 def importance(ci: dict[str, torch.Tensor], path: Path) -> None:
     """Causal importance of every subcomponent (columns, matched first) with one feature on (rows)."""
-    plt = _plt()
-    fig, axes = plt.subplots(1, len(ci), figsize=(5 * len(ci), 4), squeeze=False)
-    for ax, (n, g) in zip(axes[0], ci.items()):
-        order = matched_order(g)[: g.shape[0] + 10]
-        im = ax.imshow(g[:, order], vmin=0, vmax=1, cmap="magma", aspect="auto")
-        ax.set_title(f"{n}: causal importance, one-hot inputs")
-        ax.set_xlabel("subcomponent (matched first)")
-        ax.set_ylabel("active feature")
-        fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
+    panels = [(f"{n}: causal importance, one-hot inputs", g[:, matched_order(g)[: g.shape[0] + 10]]) for n, g in ci.items()]
+    heatmaps(panels, path, "magma", "subcomponent (matched first)", "active feature")
 
 
 def draw_all(dec, t, history: list[dict], out: Path) -> None:
