@@ -23,8 +23,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, jvp, vmap
 
-from sparse_lm.decompose.components import linear_modules, replaced, run_recording_inputs
-from sparse_lm.decompose.spd import _Out, key, output_loss
+from sparse_lm.decompose.components import linear_modules, replaced, run_target
+from sparse_lm.decompose.spd import key, output_loss
 
 
 class APD(nn.Module):
@@ -48,8 +48,7 @@ class APD(nn.Module):
         return self.target.get_submodule(name).weight
 
     def run_target(self, x):
-        out, inputs = run_recording_inputs(_Out(self.target, self.output), [f"model.{n}" for n in self.names], x)
-        return out, {n: inputs[f"model.{n}"] for n in self.names}
+        return run_target(self.target, self.output, self.names, x)
 
     # --- attributions -------------------------------------------------------------------------------------------
     def attributions_jvp(self, x) -> torch.Tensor:

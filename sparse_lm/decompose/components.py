@@ -82,14 +82,14 @@ def replaced(model: nn.Module, fns: dict[str, Callable[[torch.Tensor], torch.Ten
             h.remove()
 
 
-@torch.no_grad()
-def run_recording_inputs(model: nn.Module, names: list[str], x) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(the target's output, each named module's input) from one clean forward pass."""
+def run_target(model: nn.Module, output, names: list[str], x) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(output(model, x), each named module's input) from one clean pass; `output` picks what the losses compare."""
     inputs: dict[str, torch.Tensor] = {}
     handles = [model.get_submodule(n).register_forward_pre_hook(lambda _m, inp, n=n: inputs.__setitem__(n, inp[0]))
                for n in names]
     try:
-        out = model(x)
+        with torch.no_grad():
+            out = output(model, x)
     finally:
         for h in handles:
             h.remove()

@@ -13,12 +13,18 @@ from __future__ import annotations
 import torch
 
 
+def cosines(components: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """[F, C]: cosine similarity of every ground-truth piece [F, d_out, d_in] with every learned one [C, d_out, d_in]."""
+    c = components.reshape(components.shape[0], -1)
+    t = truth.reshape(truth.shape[0], -1)
+    return (t @ c.T) / (t.norm(dim=1, keepdim=True) * c.norm(dim=1)[None, :]).clamp_min(1e-12)
+
+
 def mmcs_l2r(components: torch.Tensor, truth: torch.Tensor) -> tuple[float, float]:
     """components [C, d_out, d_in], truth [F, d_out, d_in] → (mean max cosine, mean L2 ratio of the best match)."""
     c = components.reshape(components.shape[0], -1)
     t = truth.reshape(truth.shape[0], -1)
-    cos = (t @ c.T) / (t.norm(dim=1, keepdim=True) * c.norm(dim=1)[None, :]).clamp_min(1e-12)  # [F, C]
-    best, idx = cos.max(dim=1)
+    best, idx = cosines(components, truth).max(dim=1)
     ratio = c[idx].norm(dim=1) / t.norm(dim=1).clamp_min(1e-12)
     return best.mean().item(), ratio.mean().item()
 
@@ -28,7 +34,7 @@ def one_hot_importance(spd, n_features: int, value: float = 0.75) -> dict[str, t
     x = torch.eye(n_features) * value
     with torch.no_grad():
         _, inputs = spd.run_target(x)
-        g, _ = spd.importances({n: inputs[f"model.{n}"] for n in spd.names})
+        g, _ = spd.importances(inputs)
     return g
 
 

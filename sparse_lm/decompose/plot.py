@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from sparse_lm.decompose.metrics import cosines
 from sparse_lm.fsutil import atomic_file
 
 
@@ -69,10 +70,8 @@ def components(dec, truth: dict[str, torch.Tensor], path: Path) -> None:
     """Per matrix: |cosine| between every ground-truth piece (rows) and every learned piece (columns, matched first)."""
     panels = []
     for n in (n for n in dec.names if n in truth):
-        w = (dec.comp(n).weights() if hasattr(dec, "comp") else dec.component_weights(n)).detach()
-        c, t = w.reshape(len(w), -1), truth[n].reshape(len(truth[n]), -1)
-        cos = ((t @ c.T) / (t.norm(dim=1, keepdim=True) * c.norm(dim=1)[None]).clamp_min(1e-12)).abs()
-        panels.append((f"{n}: |cos| ground truth × learned", cos[:, matched_order(cos)[: t.shape[0] + 10]]))
+        cos = cosines(dec.component_weights(n).detach(), truth[n]).abs()
+        panels.append((f"{n}: |cos| ground truth × learned", cos[:, matched_order(cos)[: cos.shape[0] + 10]]))
     heatmaps(panels, path, "viridis", "learned piece (matched first)", "ground-truth piece (feature)")
 
 

@@ -21,7 +21,7 @@ from sparse_lm.config import DecomposeConfig, Init, Method, Toy
 from sparse_lm.decompose import metrics
 from sparse_lm.decompose.apd import APD
 from sparse_lm.decompose.fit import Plan, fit
-from sparse_lm.decompose.spd import SPD
+from sparse_lm.decompose.spd import SPD, key
 from sparse_lm.decompose.toys import TMS, build_toy, sparse_features, train_toy
 from sparse_lm.errors import UserError
 from sparse_lm.fsutil import atomic_file, write_json
@@ -109,7 +109,7 @@ def set_ground_truth(dec, truth: dict[str, torch.Tensor]) -> None:
             c.V.copy_(torch.randn_like(c.V) / c.V.shape[0] ** 0.5)
             c.V[:, :F] = V.T
         else:
-            A, B = dec.A[name.replace(".", "/")], dec.B[name.replace(".", "/")]
+            A, B = dec.A[key(name)], dec.B[key(name)]
             A.zero_()
             B.zero_()
             A[:F, :, 0] = V
@@ -122,14 +122,13 @@ def evaluate(cfg: DecomposeConfig, dec, t: Target, g_eval: torch.Generator) -> d
         x = t.batch(g_eval)
         if isinstance(dec, SPD):
             _, inputs = dec.run_target(x)
-            gm, _ = dec.importances({n: inputs[f"model.{n}"] for n in dec.names})
+            gm, _ = dec.importances(inputs)
             for n in dec.names:
                 out[f"{n}/live"] = metrics.live(gm[n])
                 out[f"{n}/l0"] = float((gm[n] > 0).float().sum(-1).mean())
     for n in dec.names:
-        w = dec.comp(n).weights() if isinstance(dec, SPD) else dec.component_weights(n)
         if t.truth is not None and n in t.truth:
-            out[f"{n}/mmcs"], out[f"{n}/l2_ratio"] = metrics.mmcs_l2r(w.detach(), t.truth[n])
+            out[f"{n}/mmcs"], out[f"{n}/l2_ratio"] = metrics.mmcs_l2r(dec.component_weights(n).detach(), t.truth[n])
     if t.n_features and isinstance(dec, SPD):
         ci = metrics.one_hot_importance(dec, t.n_features)
         for n in dec.names:

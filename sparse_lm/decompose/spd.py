@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparse_lm.decompose.components import LinearComponents, linear_modules, replaced, run_recording_inputs
+from sparse_lm.decompose.components import LinearComponents, linear_modules, replaced, run_target
 
 
 class _LowerLeakyHardSigmoid(torch.autograd.Function):
@@ -92,8 +92,12 @@ class SPD(nn.Module):
     def target_weight(self, name: str) -> torch.Tensor:
         return self.target.get_submodule(name).weight
 
+    def component_weights(self, name: str) -> torch.Tensor:
+        """[C, d_out, d_in] (as APD.component_weights)."""
+        return self.comp(name).weights()
+
     def run_target(self, x):
-        return run_recording_inputs(_Out(self.target, self.output), [f"model.{n}" for n in self.names], x)
+        return run_target(self.target, self.output, self.names, x)
 
     def importances(self, inputs: dict[str, torch.Tensor], alpha: float = 0.01) -> tuple[dict, dict]:
         """(g for masks: lower-leaky, g for minimality: upper-leaky) per matrix, each [..., C]."""
@@ -114,7 +118,6 @@ class SPD(nn.Module):
     def losses(self, x, p: float = 2.0, eps: float = 1e-12, output_kind: str = "mse", n_mask_samples: int = 1,
                alpha: float = 0.01, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         target_out, inputs = self.run_target(x)
-        inputs = {n: inputs[f"model.{n}"] for n in self.names}
         g_mask, g_min = self.importances(inputs, alpha)
         recon, layerwise = 0.0, 0.0
         for _ in range(n_mask_samples):
@@ -136,13 +139,3 @@ def importance_minimality(gs, p: float, eps: float = 1e-12) -> torch.Tensor:
     """Σ over matrices and subcomponents of mean_x (g_c(x) + eps)^p."""
     return sum((g + eps).pow(p).reshape(-1, g.shape[-1]).mean(0).sum() for g in gs)
 
-
-class _Out(nn.Module):
-    """The target seen through its output function, so a recording pass returns what the losses compare."""
-
-    def __init__(self, model, output):
-        super().__init__()
-        self.model, self.fn = model, output
-
-    def forward(self, x):
-        return self.fn(self.model, x)
