@@ -14,6 +14,7 @@ from sparse_lm.model import GPT, Site
 from sparse_lm.plateaus.geometry import Stats, shrinkage_covariance, sphere, straight
 from sparse_lm.plateaus.measure import activations, along
 from sparse_lm.plateaus.stats import bootstrap_mean, crossing, rank_test
+from sparse_lm.plateaus.protocol import summarize
 
 
 def test_the_straight_path_ends_at_the_target_and_the_sphere_path_keeps_the_radius():
@@ -153,6 +154,10 @@ def test_crossings_intervals_and_the_rank_test_on_hand_values():
     # U = 56 against 32, variance 64/12 · (17 − 4·6/240) with four tied pairs: z = 2.528
     assert p == pytest.approx(math.erfc(24 / math.sqrt(64 / 12 * (17 - 24 / 240)) / math.sqrt(2)), rel=1e-9)
     assert rank_test([1, 2, 3], [1, 2, 3]) == (0.5, 1.0)
+    # a summary's picture grid on the straight path (one x row shared by every curve) is that row
+    fractions = torch.linspace(0, 1, 5, dtype=torch.float64)
+    s = summarize("real", "real_other", "straight", fractions.expand(3, -1), torch.rand(3, 5), [0.5], 10, 0)
+    assert s.curve_x == fractions.tolist()
 
 
 def test_the_command_runs_a_model_and_its_random_init_copy_and_writes_its_report(tiny_run, tmp_path):

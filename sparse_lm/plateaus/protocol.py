@@ -75,7 +75,7 @@ def summarize(base: str, direction: str, path: str, xs: torch.Tensor, kl: torch.
     lo, hi = s.thresholds[str(min(levels))], s.thresholds[str(max(levels))]
     widths = sorted(b - a for a, b in zip(lo, hi) if a is not None and b is not None)
     s.width = widths[len(widths) // 2] if widths else None
-    grid = xs.median(0).values
+    grid = xs.contiguous().median(0).values  # (median over an expanded tensor returns garbage in torch 2.13)
     s.curve_x = grid.tolist()
     s.curve_kl = [kl.quantile(q, dim=0).tolist() for q in (0.25, 0.5, 0.75)]
     return s
@@ -91,6 +91,9 @@ class ModelResult:
     gap: dict[str, tuple[float, float, float]]  # level -> mean threshold of cov_random − of real_other (real bases,
     # sphere path, crossings only), with a bootstrap interval: how much earlier real-other directions cross
     rank: dict[str, tuple[float, float]]  # level -> (P(cov_random later than real_other), p) on the same curves
+    # level -> mean threshold of cov_random directions from real bases − from random bases (sphere path), with an
+    # interval: how much later a real activation's output starts to move (its plateau)
+    plateau: dict[str, tuple[float, float, float]] = field(default_factory=dict)
     seconds: float = 0.0
 
     def summary(self, base: str, direction: str, path: str) -> Summary:
@@ -128,5 +131,6 @@ def run_model(label: str, model, site: str, readout: str, prompts: torch.Tensor,
         ro, cr = res.summary("real", "real_other", "sphere"), res.summary("real", "cov_random", "sphere")
         res.gap[level] = bootstrap_difference(ro.hits(level), cr.hits(level), boot, seed)
         res.rank[level] = rank_test(later(cr.thresholds[level]), later(ro.thresholds[level]))
+        res.plateau[level] = bootstrap_difference(res.summary("random", "cov_random", "sphere").hits(level), cr.hits(level), boot, seed)
     res.seconds = round(time.time() - t0, 1)
     return res

@@ -5,7 +5,7 @@
                (histograms of the KL 0.5 threshold angle), summary.txt
 
 The difference of differences: each model's gap (how many degrees earlier real-other directions cross KL 0.5 than
-covariance-matched random ones, real bases, sphere path) and each compared model's gap minus the first model's.
+covariance-matched random ones, real bases, sphere path) and every pair's difference of gaps.
 """
 
 from __future__ import annotations
@@ -80,11 +80,11 @@ def output_dir(cfg: PlateausConfig) -> Path:
 
 
 def differences(results: list[ModelResult], boot: int, seed: int) -> list[dict]:
-    """Each trained model's gap against the first trained model's (the difference of differences), with an interval."""
+    """For every pair of trained models, the later one's gap minus the earlier one's (the difference of
+    differences), with an interval: in a 2×2 grid both the weight-sparsity and the AbsTopK contrasts are there."""
     trained = [r for r in results if not r.label.endswith("random-init")]
     out = []
-    for other in trained[1:]:
-        first = trained[0]
+    for first, other in ((x, y) for i, x in enumerate(trained) for y in trained[i + 1:]):
         a, b, c, d = (m.summary("real", direction, "sphere").hits(MAIN_LEVEL)
                       for m in (first, other) for direction in ("cov_random", "real_other"))
         g = torch.Generator().manual_seed(seed)
@@ -122,9 +122,18 @@ def summary_text(results: list[ModelResult], diffs: list[dict]) -> str:
         g, (pl, p) = r.gap[MAIN_LEVEL], r.rank[MAIN_LEVEL]
         lines.append(f"{r.label:<48} gap {fmt(g[0], '{:+.1f}')} [{fmt(g[1], '{:+.1f}')}, {fmt(g[2], '{:+.1f}')}]   "
                      f"P {fmt(pl, '{:.2f}')}, p {fmt(p, '{:.2g}')}   ({r.seconds:.0f}s, shrinkage {r.shrinkage:.2f})")
+    low = min(results[0].plateau, key=float)
+    lines.append("")
+    lines.append(f"plateau: how many degrees later covariance-matched random directions reach KL {low} from real bases than from "
+                 f"random bases [95% bootstrap]; KL at the end of the path (median, real bases), for models that never get there")
+    for r in results:
+        pm, plo, phi = r.plateau[low]
+        end = r.summary("real", "cov_random", "sphere").curve_kl[1][-1]
+        lines.append(f"{r.label:<48} plateau {fmt(pm, '{:+.1f}')} [{fmt(plo, '{:+.1f}')}, {fmt(phi, '{:+.1f}')}]   KL at "
+                     f"{r.summary('real', 'cov_random', 'sphere').curve_x[-1]:.0f}°: {end:.3f}")
     if diffs:
         lines.append("")
-        lines.append("difference of differences (this model's gap − the first model's gap, degrees):")
+        lines.append("difference of differences (this model's gap − the other's gap, degrees):")
         for d in diffs:
             lines.append(f"{d['model']:<48} " + (f"{d['value']:+.1f} [{d['low']:+.1f}, {d['high']:+.1f}] against {d['against']}"
                                                   if d["value"] is not None else f"none: {d['why']}"))
