@@ -436,12 +436,15 @@ class DecomposeConfig:
     ctx: int = ranged(64, 2)  # tokens per sequence (checkpoint targets)
     lr: float = ranged(1e-3, **POSITIVE)  # AdamW, cosine decay to 0
     seed: int = ranged(0, 0)
-    # SPD: loss coefficients (docs/decompose.md); faithfulness is the mean squared error over the decomposed weights
-    faithfulness: float = ranged(1000.0, 0)
+    # Loss coefficients (docs/decompose.md). Faithfulness, the mean squared error over the decomposed weights (both
+    # methods): null takes the published choice, 0 for SPD with the delta component (which replaces it), else 1.
+    faithfulness: Optional[float] = ranged(None, 0)
+    # SPD
+    delta_component: bool = True  # the residual W − ΣW_c joins every masked pass under a uniform random mask (spd.py)
     stochastic_recon: float = ranged(1.0, 0)
     stochastic_recon_layerwise: float = ranged(1.0, 0)
     importance_minimality: float = ranged(1e-4, 0)
-    p: float = ranged(1.0, **POSITIVE)  # exponent of the importance minimality loss
+    p: float = ranged(2.0, **POSITIVE)  # exponent of the importance minimality loss
     ci_hidden: int = ranged(16, 1)  # width of each subcomponent's causal-importance MLP
     n_mask_samples: int = ranged(1, 1)
     warmup_steps: int = ranged(200, 0)  # faithfulness-only warmup of the subcomponents

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from sparse_lm.config import DecomposeConfig, Init, ToyConfig
+from sparse_lm.config import DecomposeConfig, Init, Method, ToyConfig
 from sparse_lm.decompose import metrics
 from sparse_lm.decompose.apd import APD, batch_topk
 from sparse_lm.decompose.components import LinearComponents
@@ -56,9 +56,9 @@ def test_apd_losses_by_hand():
         apd.B["0"].copy_(torch.tensor([[[2.0, 0.0]], [[0.0, 3.0]]]))  # B_c [1, d_out]
     assert apd.faithfulness().item() == pytest.approx(0.0)
     # Schatten-p of component 0 is ‖A‖·‖B‖ = 2 (rank one), of 1 is 3; p = 1, both used on every input: 5;
-    # component 1 used on half the inputs: 2 + 1.5
-    assert apd.simplicity(torch.ones(4, 2), p=1.0, eps=0).item() == pytest.approx(5.0)
-    assert apd.simplicity(torch.tensor([[1.0, 1.0], [1.0, 0.0]]), p=1.0, eps=0).item() == pytest.approx(3.5)
+    # component 1 used on half the inputs: 2 + 1.5; each divided by the 4 decomposed weights
+    assert apd.simplicity(torch.ones(4, 2), p=1.0, eps=0).item() == pytest.approx(5.0 / 4)
+    assert apd.simplicity(torch.tensor([[1.0, 1.0], [1.0, 0.0]]), p=1.0, eps=0).item() == pytest.approx(3.5 / 4)
     x = torch.tensor([[1.0, 1.0]])
     assert torch.allclose(apd.forward_masked(x, torch.tensor([[1.0, 0.0]])), torch.tensor([[2.0, 0.0]]))
     assert torch.allclose(apd.forward_masked(x, torch.ones(1, 2)), apd.target(x))
@@ -122,6 +122,37 @@ def test_exact_decomposition_with_all_masks_one_reproduces_the_target():
     assert torch.allclose(spd.forward_masked(x, drop), ablated(x), atol=1e-6)
 
 
+def test_the_delta_component_closes_any_decomposition_and_scales_with_its_mask():
+    """With the residual W − ΣW_c at mask 1, any subcomponents (here the random start) reproduce the target exactly;
+    at mask d the residual's share of the layer's output is d·(W − ΣW_c)x, and at 0 it is gone."""
+    torch.manual_seed(0)
+    toy = TMS(8, 3)
+    spd = SPD(toy, ["linear1", "linear2"], C=5, delta=True)
+    assert spd.faithfulness().item() > 1e-3  # far from faithful
+    x = sparse_features(16, 8, 0.5)
+    ones = {n: torch.ones(16, 5) for n in spd.names}
+    assert torch.allclose(spd.forward_masked(x, ones, {n: torch.ones(16) for n in spd.names}), toy(x), atol=1e-6)
+    assert not torch.allclose(spd.forward_masked(x, ones), toy(x), atol=1e-3)
+    w, b = torch.randn(4, 6), torch.randn(4)
+    one = SPD(one_linear(w, b), ["0"], C=3, delta=True)
+    x, m, d = torch.randn(16, 6), torch.rand(16, 3), torch.rand(16)
+    wc = one.comp("0").weights()  # [C, d_out, d_in]
+    expect = torch.einsum("bc,coi,bi->bo", m, wc, x) + d[:, None] * (x @ (w - wc.sum(0)).T) + b
+    assert torch.allclose(one.forward_masked(x, {"0": m}, {"0": d}), expect, atol=1e-5)
+    assert torch.allclose(one.forward_masked(x, {"0": m}, {"0": torch.zeros(16)}), one.forward_masked(x, {"0": m}), atol=1e-6)
+
+
+def test_mmcs_tells_a_piece_spread_over_two_features_from_two_pieces():
+    """One learned piece equal to the whole of W = diag(1, 2) (two features): the whole-matrix metric sees that it
+    is not either feature's piece; the published, support-restricted one scores it 1 on both."""
+    truth = torch.tensor([[[1.0, 0.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 2.0]]])
+    spread = torch.tensor([[[1.0, 0.0], [0.0, 2.0]]])
+    mm, l2 = metrics.mmcs_l2r(spread, truth)
+    assert mm == pytest.approx((1 + 2) / 2 / 5**0.5) and l2 == pytest.approx((5**0.5 + 5**0.5 / 2) / 2)
+    assert metrics.mmcs_l2r_support(spread, truth) == pytest.approx((1.0, 1.0))
+    assert metrics.mmcs_l2r(truth.flip(0), truth) == pytest.approx((1.0, 1.0))  # found, in any order
+
+
 def test_pattern_restriction_keeps_zeros_and_is_exact_at_an_svd():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(6, 5, generator=g) * (torch.rand(6, 5, generator=g) < 0.3)
@@ -162,20 +193,20 @@ def tms40():
 
 
 def short_spd(toy, init: Init, steps: int):
-    from sparse_lm.decompose.fit import Plan, fit
-
-    cfg = DecomposeConfig(init=init)
-    torch.manual_seed(0)
-    spd = SPD(toy, ["linear1", "linear2"], C=cfg.C)
-    if init == Init.ground_truth:
-        set_ground_truth(spd, toy.ground_truth())
-    g = torch.Generator().manual_seed(0)
-    coeffs = {"faithfulness": cfg.faithfulness, "stochastic_recon": 1.0, "stochastic_recon_layerwise": 1.0,
-              "importance_minimality": cfg.importance_minimality}
-    plan = Plan(steps, cfg.lr, coeffs, cfg.warmup_steps if init == Init.random else 0, cfg.warmup_lr, steps, steps)
+    """The command's SPD (defaults, coefficients, warmup, fit loop) on TMS 40-10 at batch 1024 for `steps`."""
     import tempfile
     from pathlib import Path
 
+    from sparse_lm.decompose.fit import Plan, fit
+    from sparse_lm.decompose.run import Target, build, coefficients
+
+    cfg = DecomposeConfig(init=init)
+    torch.manual_seed(0)
+    spd = build(cfg, Target(toy, None, lambda m, x: m(x), "mse"))
+    if init == Init.ground_truth:
+        set_ground_truth(spd, toy.ground_truth())
+    g = torch.Generator().manual_seed(0)
+    plan = Plan(steps, cfg.lr, coefficients(cfg), cfg.warmup_steps if init == Init.random else 0, cfg.warmup_lr, steps, steps)
     with tempfile.TemporaryDirectory() as d:
         fit(spd, lambda step: spd.losses(sparse_features(1024, 40, 0.05, generator=g), p=cfg.p, generator=g), plan,
             Path(d) / "d.pt", g, log=lambda s: None, warmup_params=[p for n, p in spd.named_parameters() if n.startswith("components.")])
@@ -225,7 +256,9 @@ def test_every_preset_composes_and_builds_its_decomposition(preset):
     toy = build_toy(cfg.toy)
     dec = build(cfg, Target(toy, None, lambda m, x: m(x), "mse"))
     x = sparse_features(4, cfg.toy.n_features, cfg.toy.feature_probability, tuple(cfg.toy.value_range))
-    assert dec.forward_masked(x, {n: torch.ones(4, cfg.C) for n in cfg.modules}).shape == toy(x).shape
+    ones = torch.ones(4, cfg.C)  # APD: one mask over its components; SPD: one per matrix
+    masks = ones if cfg.method == Method.apd else {n: ones for n in cfg.modules}
+    assert dec.forward_masked(x, masks).shape == toy(x).shape
 
 
 def test_the_command_trains_resumes_and_reports(tmp_path):

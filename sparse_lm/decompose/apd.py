@@ -116,14 +116,15 @@ class APD(nn.Module):
 
     def simplicity(self, mask: torch.Tensor, p: float = 0.9, eps: float = 1e-12) -> torch.Tensor:
         """Σ_l Σ_c (fraction of inputs that kept c) · Σ_k (‖A_c[:, k]‖² ‖B_c[k, :]‖²)^(p/2): the Schatten-p of each
-        kept component, through its factors (exact for orthogonal factors, an upper bound otherwise)."""
+        kept component, through its factors (exact for orthogonal factors, an upper bound otherwise), divided by
+        the number of decomposed weights as faithfulness is (so the published coefficients carry over)."""
         use = mask.reshape(-1, mask.shape[-1]).float().mean(0)  # [C]
         total = 0.0
         for n in self.names:
             a2 = self.A[key(n)].pow(2).sum(1)  # [C, m]
             b2 = self.B[key(n)].pow(2).sum(2)  # [C, m]
             total = total + (use * (a2 * b2 + eps).pow(p / 2).sum(-1)).sum()
-        return total
+        return total / sum(self.target_weight(n).numel() for n in self.names)
 
     def losses(self, x, topk: float = 1.0, p: float = 0.9, output_kind: str = "mse") -> tuple[dict, torch.Tensor]:
         target_out, _ = self.run_target(x)

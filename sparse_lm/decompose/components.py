@@ -33,11 +33,12 @@ class LinearComponents(nn.Module):
         self.U = nn.Parameter(torch.empty(C, d_out))
         self.register_buffer("pattern", (target.weight.detach() != 0).T.float() if pattern else None)  # [d_in, d_out]
         self.bias = target.bias  # not decomposed; the target's own (frozen) bias
-        self.init_from(target.weight.detach())
+        self.reset(target.weight.detach())
 
     @torch.no_grad()
-    def init_from(self, weight: torch.Tensor) -> None:
-        """Random unit directions, each U_c scaled by its overlap with the target (the published initialisation)."""
+    def reset(self, weight: torch.Tensor) -> None:
+        """Random unit directions, each U_c scaled by its overlap ⟨U_c, W V_c⟩ with the target. (The authors' code
+        draws V ~ N(0, 1/d_in), U ~ N(0, 1/C) instead; on TMS 40-10 that recovered W₁ less well: docs/decompose.md.)"""
         self.V.copy_(torch.randn_like(self.V))
         self.V /= self.V.norm(dim=0, keepdim=True)
         self.U.copy_(torch.randn_like(self.U))

@@ -3,6 +3,9 @@
 - `mmcs_l2r`: for each ground-truth piece, the best-matching learned component by cosine similarity of the whole
   matrix; the mean of those maxima (mean max cosine similarity, 1 = every piece found) and the mean ratio of the
   matched component's norm to the piece's (1 = found at the right size).
+- `mmcs_l2r_support`: the published, more lenient version: each learned component is first cut to the known
+  piece's support (for TMS, one column of W₁ or one row of W₂), so a component spread over several features
+  still scores 1 on each of them.
 - `one_hot_importance`: the causal importance of every subcomponent when exactly one feature is on; in a faithful
   decomposition of TMS each feature switches on exactly one subcomponent per matrix.
 - `live`: subcomponents whose importance exceeds a threshold on some input.
@@ -26,6 +29,17 @@ def mmcs_l2r(components: torch.Tensor, truth: torch.Tensor) -> tuple[float, floa
     t = truth.reshape(truth.shape[0], -1)
     best, idx = cosines(components, truth).max(dim=1)
     ratio = c[idx].norm(dim=1) / t.norm(dim=1).clamp_min(1e-12)
+    return best.mean().item(), ratio.mean().item()
+
+
+def mmcs_l2r_support(components: torch.Tensor, truth: torch.Tensor) -> tuple[float, float]:
+    """As mmcs_l2r, with every component restricted to each known piece's nonzero entries before comparing."""
+    support = (truth != 0).to(components.dtype)  # [F, d_out, d_in]
+    cut = torch.einsum("coi,foi->fcoi", components, support).flatten(2)  # [F, C, n]
+    t = truth.flatten(1)
+    cos = torch.einsum("fcn,fn->fc", cut, t) / (cut.norm(dim=2) * t.norm(dim=1, keepdim=True)).clamp_min(1e-12)
+    best, idx = cos.max(dim=1)
+    ratio = cut[torch.arange(len(t)), idx].norm(dim=1) / t.norm(dim=1).clamp_min(1e-12)
     return best.mean().item(), ratio.mean().item()
 
 

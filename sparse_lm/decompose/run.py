@@ -85,10 +85,20 @@ def model_target(cfg: DecomposeConfig, log) -> Target:
 
 def build(cfg: DecomposeConfig, t: Target):
     if cfg.method == Method.spd:
-        return SPD(t.model, cfg.modules, cfg.C, cfg.ci_hidden, cfg.pattern, t.output)
+        return SPD(t.model, cfg.modules, cfg.C, cfg.ci_hidden, cfg.pattern, t.output, cfg.delta_component)
     if cfg.pattern:
         raise UserError("pattern=true is implemented for method=spd only")
     return APD(t.model, cfg.modules, cfg.C, cfg.m, t.output)
+
+
+def coefficients(cfg: DecomposeConfig) -> dict[str, float]:
+    """Loss name → coefficient for the fit (docs/decompose.md); faithfulness=null resolves to the published choice."""
+    if cfg.method == Method.spd:
+        faithfulness = cfg.faithfulness if cfg.faithfulness is not None else (0.0 if cfg.delta_component else 1.0)
+        return {"faithfulness": faithfulness, "stochastic_recon": cfg.stochastic_recon,
+                "stochastic_recon_layerwise": cfg.stochastic_recon_layerwise, "importance_minimality": cfg.importance_minimality}
+    faithfulness = 1.0 if cfg.faithfulness is None else cfg.faithfulness
+    return {"faithfulness": faithfulness, "minimality": cfg.minimality, "simplicity": cfg.simplicity}
 
 
 @torch.no_grad()
@@ -128,7 +138,9 @@ def evaluate(cfg: DecomposeConfig, dec, t: Target, g_eval: torch.Generator) -> d
                 out[f"{n}/l0"] = float((gm[n] > 0).float().sum(-1).mean())
     for n in dec.names:
         if t.truth is not None and n in t.truth:
-            out[f"{n}/mmcs"], out[f"{n}/l2_ratio"] = metrics.mmcs_l2r(dec.component_weights(n).detach(), t.truth[n])
+            w = dec.component_weights(n).detach()
+            out[f"{n}/mmcs"], out[f"{n}/l2_ratio"] = metrics.mmcs_l2r(w, t.truth[n])
+            out[f"{n}/mmcs_support"], out[f"{n}/l2_ratio_support"] = metrics.mmcs_l2r_support(w, t.truth[n])
     if t.n_features and isinstance(dec, SPD):
         ci = metrics.one_hot_importance(dec, t.n_features)
         for n in dec.names:
@@ -162,16 +174,12 @@ def run(cfg: DecomposeConfig, log=print) -> dict:
             raise UserError("init=ground_truth needs a toy with a known mechanism (toy.kind=tms)")
         set_ground_truth(dec, t.truth)
     g, g_eval = torch.Generator().manual_seed(cfg.seed), torch.Generator().manual_seed(cfg.seed + 10_000)
+    coeffs = coefficients(cfg)
     if isinstance(dec, SPD):
-        coeffs = {"faithfulness": cfg.faithfulness, "stochastic_recon": cfg.stochastic_recon,
-                  "stochastic_recon_layerwise": cfg.stochastic_recon_layerwise, "importance_minimality": cfg.importance_minimality}
-
         def losses(step):
             return dec.losses(t.batch(g), p=cfg.p, output_kind=t.output_kind, n_mask_samples=cfg.n_mask_samples, generator=g)
         warm = [p for n, p in dec.named_parameters() if n.startswith("components.")]
     else:
-        coeffs = {"faithfulness": cfg.faithfulness, "minimality": cfg.minimality, "simplicity": cfg.simplicity}
-
         def losses(step):
             return dec.losses(t.batch(g), cfg.topk, cfg.schatten_p, t.output_kind)[0]
         warm = list(dec.parameters())
