@@ -13,8 +13,8 @@ from sparse_lm.config import ModelConfig
 from sparse_lm.model import GPT, Site
 from sparse_lm.plateaus.geometry import Stats, shrinkage_covariance, sphere, straight
 from sparse_lm.plateaus.measure import activations, along
-from sparse_lm.plateaus.stats import bootstrap_mean, crossing, rank_test
 from sparse_lm.plateaus.protocol import summarize
+from sparse_lm.plateaus.stats import bootstrap_mean, crossing, rank_test
 
 
 def test_the_straight_path_ends_at_the_target_and_the_sphere_path_keeps_the_radius():

@@ -93,11 +93,11 @@ def build(cfg: DecomposeConfig, t: Target):
 
 def coefficients(cfg: DecomposeConfig) -> dict[str, float]:
     """Loss name → coefficient for the fit (docs/decompose.md); faithfulness=null resolves to the published choice."""
-    if cfg.method == Method.spd:
-        faithfulness = cfg.faithfulness if cfg.faithfulness is not None else (0.0 if cfg.delta_component else 1.0)
+    spd = cfg.method == Method.spd
+    faithfulness = cfg.faithfulness if cfg.faithfulness is not None else (0.0 if spd and cfg.delta_component else 1.0)
+    if spd:
         return {"faithfulness": faithfulness, "stochastic_recon": cfg.stochastic_recon,
                 "stochastic_recon_layerwise": cfg.stochastic_recon_layerwise, "importance_minimality": cfg.importance_minimality}
-    faithfulness = 1.0 if cfg.faithfulness is None else cfg.faithfulness
     return {"faithfulness": faithfulness, "minimality": cfg.minimality, "simplicity": cfg.simplicity}
 
 

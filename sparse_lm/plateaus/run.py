@@ -128,9 +128,9 @@ def summary_text(results: list[ModelResult], diffs: list[dict]) -> str:
                  f"random bases [95% bootstrap]; KL at the end of the path (median, real bases), for models that never get there")
     for r in results:
         pm, plo, phi = r.plateau[low]
-        end = r.summary("real", "cov_random", "sphere").curve_kl[1][-1]
+        s = r.summary("real", "cov_random", "sphere")
         lines.append(f"{r.label:<48} plateau {fmt(pm, '{:+.1f}')} [{fmt(plo, '{:+.1f}')}, {fmt(phi, '{:+.1f}')}]   KL at "
-                     f"{r.summary('real', 'cov_random', 'sphere').curve_x[-1]:.0f}°: {end:.3f}")
+                     f"{s.curve_x[-1]:.0f}°: {s.curve_kl[1][-1]:.3f}")
     if diffs:
         lines.append("")
         lines.append("difference of differences (this model's gap − the other's gap, degrees):")
