@@ -76,7 +76,8 @@ def _compact_kernel(w_ptr, row_ptr_ptr, cols_ptr, vals_ptr, capacity, n_out_rows
 def compress(a: torch.Tensor, capacity: int, dtype: torch.dtype | None = None, out: Compressed | None = None) -> Compressed:
     """CSR copy of the 2-D tensor `a` (any strides: pass W.t() for the input-major copy).
 
-    `capacity` must be at least the number of nonzeros (the projection guarantees nnz ≤ k). With `out` (a copy of
+    `capacity` should be at least the number of nonzeros (the projection guarantees nnz ≤ k); if it is not, the copy
+    holds the first `capacity` nonzeros in row-major order and no row points past them. With `out` (a copy of
     the same shape, dtype and at least this capacity) the arrays are rewritten in place: the same tensors every
     step, which keeps torch.compile from recompiling.
     """
@@ -92,10 +93,13 @@ def compress(a: torch.Tensor, capacity: int, dtype: torch.dtype | None = None, o
             (rows, cols),
         )
     out._torch_csr = None
+    capacity = out.vals.numel()
     counts = (a != 0).sum(dim=1, dtype=torch.int32)
     torch.cumsum(counts, 0, out=out.row_ptr[1:])
-    out.order.copy_(torch.argsort(counts, descending=True, stable=True))
-    capacity = out.vals.numel()
+    # More nonzeros than capacity (a caller's bug: the projection keeps nnz ≤ k) must not make readers run past the
+    # buffers: the entries beyond capacity are not written, and row_ptr is clipped so that no row claims them.
+    out.row_ptr.clamp_(max=capacity)
+    out.order.copy_(torch.argsort(out.row_ptr[1:] - out.row_ptr[:-1], descending=True, stable=True))
     if launchable(a):
         block_c = min(256, triton.next_power_of_2(cols))
         grid = (triton.cdiv(rows, 16),)

@@ -86,6 +86,29 @@ def test_compress_kernel_and_torch_path_agree(monkeypatch):
         assert torch.equal(getattr(fast, name), getattr(slow, name)), name
 
 
+@pytest.mark.parametrize("path", ["kernel", "torch"])
+def test_an_undersized_capacity_truncates_instead_of_reading_past_the_buffers(monkeypatch, path):
+    """row_ptr used to count every nonzero while only `capacity` were written, so the SpMM read past the buffers."""
+    import kernels.compress as mod
+
+    if path == "torch":
+        monkeypatch.setattr(mod, "launchable", lambda t: False)
+    w = sparse_matrix(23, 40, 0.3)
+    nnz = int((w != 0).sum())
+    cap = nnz // 2
+    c = compress(w, capacity=cap)
+    assert int(c.row_ptr[-1]) == cap and (c.row_ptr[1:] >= c.row_ptr[:-1]).all()
+    first = torch.zeros_like(w).flatten()
+    where = (w != 0).flatten().nonzero().flatten()[:cap]  # the first `cap` nonzeros in row-major order
+    first[where] = w.flatten()[where]
+    assert torch.equal(c.to_dense(), first.view_as(w))
+    lengths = (c.row_ptr[1:] - c.row_ptr[:-1])[c.order.long()]
+    assert (lengths[:-1] >= lengths[1:]).all()
+    x = torch.randn(9, 40, device=DEVICE)
+    y = spmm(x, c.row_ptr, c.cols, c.vals, c.order, 23)
+    torch.testing.assert_close(y, x @ first.view_as(w).t(), rtol=1e-4, atol=1e-4)
+
+
 # ---------------------------------------------------------------- SpMM and the sparse linear layer
 
 
