@@ -459,6 +459,9 @@ class DecomposeConfig:
     eval_interval: int = ranged(1000, 1)
     ckpt_interval: int = ranged(1000, 1)
     out_dir: Optional[str] = None  # default: runs/decompose-<name> (a toy) or <run>/decompose/<checkpoint> (a model)
+    # A circuit of the same checkpoint (<run>/circuits/<step>/<task>.json from python -m sparse_lm.prune): after the
+    # fit, compare the task's important subcomponents with it (sparse_lm/decompose/circuit.py)
+    circuit: Optional[str] = None
     name: str = "decompose"
     overwrite: bool = False
     device: str = "cpu"

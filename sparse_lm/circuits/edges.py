@@ -40,6 +40,12 @@ def _mask(kept: dict[str, list[int]], site: str, dim: int) -> torch.Tensor:
     return m
 
 
+def mlp_matrix_sites(layer: int) -> dict[str, tuple[str, str, str]]:
+    """Module name → (the site its rows feed, the site its columns read, edge kind) for one block's MLP matrices."""
+    return {f"blocks.{layer}.mlp.c_fc": (site_name(layer, "mlp_neuron"), site_name(layer, "mlp_in"), "mlp.in"),
+            f"blocks.{layer}.mlp.c_proj": (site_name(layer, "mlp_out"), site_name(layer, "mlp_neuron"), "mlp.out")}
+
+
 def circuit_edges(weights: dict[str, torch.Tensor], n_layer: int, d_head: int, kept: dict[str, list[int]],
                   tokens: list[int], answers: tuple[int, int], conv: EdgeConventions, token_text=str) -> list[Edge]:
     """Every edge of the circuit `kept` (site → kept channel indices) under `conv`."""
@@ -66,10 +72,9 @@ def circuit_edges(weights: dict[str, torch.Tensor], n_layer: int, d_head: int, k
             for c in (q & k).nonzero().flatten().tolist():
                 edges.append(Edge(f"{site['attn_q']}[{c}]", f"{site['attn_k']}[{c}]", 1.0, "attn.qk"))
         matrix(weights[p + "attn.c_proj.weight"], _mask(kept, site["attn_out"], d_model), v, site["attn_v"], site["attn_out"], "attn.out")
-        d_mlp = weights[p + "mlp.c_fc.weight"].shape[0]
-        neuron = _mask(kept, site["mlp_neuron"], d_mlp)
-        matrix(weights[p + "mlp.c_fc.weight"], neuron, _mask(kept, site["mlp_in"], d_model), site["mlp_in"], site["mlp_neuron"], "mlp.in")
-        matrix(weights[p + "mlp.c_proj.weight"], _mask(kept, site["mlp_out"], d_model), neuron, site["mlp_neuron"], site["mlp_out"], "mlp.out")
+        for module, (rows, cols, kind) in mlp_matrix_sites(layer).items():
+            w = weights[module + ".weight"]
+            matrix(w, _mask(kept, rows, w.shape[0]), _mask(kept, cols, w.shape[1]), cols, rows, kind)
 
     residual_order = [site_name(layer, s) for layer in range(n_layer) for s in SITES if s in RESIDUAL_READS + RESIDUAL_WRITES]
     read = torch.zeros(d_model, dtype=torch.bool)  # residual channels some kept node reads

@@ -91,3 +91,43 @@ def draw_all(dec, t, history: list[dict], out: Path) -> None:
         components(dec, t.truth, out / "components.png")
     if t.n_features and isinstance(dec, SPD):
         importance(one_hot_importance(dec, t.n_features), out / "importance.png")
+
+
+def versus_circuit(report: dict, path: Path) -> None:
+    """Per matrix: each subcomponent's task importance against its squared weight on the circuit's entries (the
+    matrix's own share and the share of entries as lines); then the task loss under each ablation (circuit.py)."""
+    plt = _plt()
+    mats = report["matrices"]
+    fig, axes = plt.subplots(1, len(mats) + 1, figsize=(4.6 * (len(mats) + 1), 4))
+    for ax, (name, m) in zip(axes, mats.items()):
+        imp, share = torch.tensor(m["task_importance"]), torch.tensor(m["circuit_share"])
+        in_h = torch.zeros(len(imp), dtype=torch.bool)
+        in_h[m["task_set"]] = True
+        ax.scatter(imp[~in_h], share[~in_h], s=8, c="0.6", label="other subcomponents")
+        ax.scatter(imp[in_h], share[in_h], s=14, c="C3", label=f"task set H ({int(in_h.sum())})")
+        ax.axhline(m["share_target"], color="C0", ls="--", lw=1, label=f"the matrix itself ({m['share_target']:.3f})")
+        ax.axhline(m["share_entries"], color="k", ls=":", lw=1, label=f"share of entries ({m['share_entries']:.3f})")
+        ax.axvline(report["threshold"], color="0.3", lw=0.5)
+        ax.set_xlabel("task importance (mean over contexts of the max CI)")
+        ax.set_ylabel(f"squared weight on circuit entries ({m['circuit_rows']}×{m['circuit_cols']})")
+        ax.set_title(name, fontsize=9)
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=7)
+    ax = axes[-1]
+    ab = report["ablation"]
+    names = list(ab)
+    y = range(len(names))
+    losses = [ab[k]["loss"] for k in names]
+    err = [[max(0.0, ab[k]["loss"] - ab[k].get("min", ab[k]["loss"])) for k in names],
+           [max(0.0, ab[k].get("max", ab[k]["loss"]) - ab[k]["loss"]) for k in names]]
+    colors = ["0.5" if "random" in k else ("C3" if "H" in k else "C0") for k in names]
+    ax.barh(list(y), losses, xerr=err, color=colors)
+    ax.set_yticks(list(y), names, fontsize=7)
+    ax.invert_yaxis()
+    ax.axvline(ab["whole model"]["loss"], color="k", lw=0.5)
+    ax.set_xlabel(f"held-out task loss per side ({report['task']})")
+    ax.set_title(f"ablations in this MLP ({report['circuit_neurons']} circuit neurons; grey: random, min–max)", fontsize=8)
+    fig.tight_layout()
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)

@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from sparse_lm import checkpoint
 from sparse_lm.cli import load_model
 from sparse_lm.config import DecomposeConfig, Init, Method, Toy
+from sparse_lm.decompose import circuit as versus
 from sparse_lm.decompose import metrics
 from sparse_lm.decompose.apd import APD
 from sparse_lm.decompose.fit import Plan, fit
@@ -38,9 +39,10 @@ def output_dir(cfg: DecomposeConfig) -> Path:
 class Target:
     """What is decomposed and how it is fed: model, batch sampler, output function and loss, ground truth."""
 
-    def __init__(self, model, batch, output, output_kind: str, truth=None, n_features: int | None = None):
+    def __init__(self, model, batch, output, output_kind: str, truth=None, n_features: int | None = None, loaded=None):
         self.model, self.batch, self.output, self.output_kind = model, batch, output, output_kind
         self.truth, self.n_features = truth, n_features
+        self.loaded = loaded  # a checkpoint's (path, tokenizer, config)
 
 
 def toy_target(cfg: DecomposeConfig, out: Path, log) -> Target:
@@ -80,7 +82,7 @@ def model_target(cfg: DecomposeConfig, log) -> Target:
         starts = torch.randint(0, len(train) - cfg.ctx, (cfg.batch_size,), generator=g).numpy()
         return torch.from_numpy(np.stack([train[s : s + cfg.ctx] for s in starts]).astype(np.int64))
 
-    return Target(model, batch, lambda m, x: m(x)[0], "kl")
+    return Target(model, batch, lambda m, x: m(x)[0], "kl", loaded=(ckpt, tok, mcfg))
 
 
 def build(cfg: DecomposeConfig, t: Target):
@@ -160,6 +162,12 @@ def evaluate(cfg: DecomposeConfig, dec, t: Target, g_eval: torch.Generator) -> d
 def run(cfg: DecomposeConfig, log=print) -> dict:
     if (cfg.toy is None) == (cfg.checkpoint is None):
         raise UserError("give exactly one of toy (a preset: decompose=tms_40_10) or checkpoint=<run dir>")
+    if cfg.circuit is not None:  # checked before any training
+        if cfg.checkpoint is None or cfg.method != Method.spd:
+            raise UserError("circuit= compares an SPD decomposition of a trained checkpoint with a circuit: give checkpoint= "
+                            "and keep method=spd")
+        versus.mlp_matrices(cfg.modules)
+        versus.read_circuit(cfg.circuit, checkpoint.resolve(cfg.checkpoint))
     out = output_dir(cfg)
     state_path = out / "decomposition.pt"
     if cfg.overwrite and out.exists():
@@ -188,7 +196,7 @@ def run(cfg: DecomposeConfig, log=print) -> dict:
     log(f"{cfg.method.value} on {', '.join(cfg.modules)}: C={cfg.C}, {cfg.steps} steps of {cfg.batch_size}, init {cfg.init.value} -> {out}")
     # what a resumed run must share with the one that wrote the checkpoint (the length and the intervals may change)
     same = {k: v for k, v in OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True).items()
-            if k not in ("steps", "eval_interval", "ckpt_interval", "out_dir", "overwrite", "device", "name")}
+            if k not in ("steps", "eval_interval", "ckpt_interval", "out_dir", "overwrite", "device", "name", "circuit")}
     history = fit(dec, losses, plan, state_path, g, lambda: evaluate(cfg, dec, t, g_eval), log, warm, settings=repr(same))
     result = {"config": OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True), "final": history[-1] if history else {},
               "history": history}
@@ -197,4 +205,12 @@ def run(cfg: DecomposeConfig, log=print) -> dict:
 
     plot.draw_all(dec, t, history, out)
     log(f"wrote {out}/decomposition.json, curves.png" + (", components.png, importance.png" if t.n_features else ""))
+    if cfg.circuit is not None:
+        ckpt, tok, mcfg = t.loaded
+        report = versus.compare(dec, t.model, tok, mcfg, ckpt, cfg.circuit, cfg.seed, log)
+        stem = out / f"versus-{report['task']}"
+        write_json(stem.with_suffix(".json"), report)
+        plot.versus_circuit(report, stem.with_suffix(".png"))
+        log(f"wrote {stem}.json, {stem.name}.png")
+        result["versus"] = report
     return result

@@ -117,16 +117,20 @@ class SPD(nn.Module):
         """W − Σ_c W_c [d_out, d_in]: what the subcomponents miss of the target's matrix."""
         return self.target_weight(name) - self.comp(name).weight()
 
-    def forward_masked(self, x, masks: dict[str, torch.Tensor | None],
-                       delta_masks: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """The target's output with each named matrix replaced by its (masked) subcomponents; others untouched.
-        With `delta_masks` ([...] per matrix), the residual enters each replaced matrix scaled by its mask."""
+    def masked(self, masks: dict[str, torch.Tensor | None], delta_masks: dict[str, torch.Tensor] | None = None):
+        """Inside the block, each matrix named in `masks` ([..., C] or [C] each) is replaced by its masked
+        subcomponents; others are untouched. With `delta_masks` ([...] per matrix), the residual enters each replaced
+        matrix scaled by its mask."""
         def fn(n, m, d):
             if d is None:
                 return lambda inp: self.comp(n)(inp, m)
             return lambda inp: self.comp(n)(inp, m) + d[..., None] * (inp @ self.residual(n).T)
-        fns = {n: fn(n, m, (delta_masks or {}).get(n)) for n, m in masks.items()}
-        with replaced(self.target, fns):
+        return replaced(self.target, {n: fn(n, m, (delta_masks or {}).get(n)) for n, m in masks.items()})
+
+    def forward_masked(self, x, masks: dict[str, torch.Tensor | None],
+                       delta_masks: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The target's output under `masked`."""
+        with self.masked(masks, delta_masks):
             return self.output(self.target, x)
 
     def faithfulness(self) -> torch.Tensor:
