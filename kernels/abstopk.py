@@ -39,7 +39,7 @@ def _abstopk_kernel(x_ptr, y_ptr, keep_ptr, n_rows, d, k, ROWS: tl.constexpr, BL
     need = k - tl.sum(above.to(tl.int32), axis=1)
     keep = above | (tied & (tl.cumsum(tied.to(tl.int32), axis=1) <= need[:, None]))
     tl.store(y_ptr + offs, tl.where(keep, x, 0.0), mask=inside)
-    tl.store(keep_ptr + offs, keep.to(tl.int8), mask=inside)
+    tl.store(keep_ptr + offs, keep, mask=inside)  # a bool tensor: no int8 copy to convert afterwards
 
 
 def _launch(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,14 +51,14 @@ def _launch(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(f"fused AbsTopK handles rows of up to 8192 entries, got {d}")
     x2 = x.reshape(-1, d).contiguous()
     y = torch.empty_like(x2)
-    keep = torch.empty(x2.shape, dtype=torch.int8, device=x.device)
+    keep = torch.empty(x2.shape, dtype=torch.bool, device=x.device)
     block_d = triton.next_power_of_2(d)
     rows = max(1, min(16, 2048 // block_d))
     mag_bits = 31 if x.dtype == torch.float32 else 15
     grid = (triton.cdiv(x2.shape[0], rows),)
     _abstopk_kernel[grid](x2, y, keep, x2.shape[0], d, k, ROWS=rows, BLOCK_D=block_d, MAG_BITS=mag_bits,
                           num_warps=4 if block_d <= 2048 else 8)
-    return y.view_as(x), keep.view(x.shape).bool()
+    return y.view_as(x), keep.view(x.shape)
 
 
 @torch.library.custom_op("sparse_lm::abstopk", mutates_args=())
