@@ -102,7 +102,7 @@ def _select_strict(w_ptr, prot_ptr, n, state_ptr, keep_ptr, ties_ptr, HAS_PROT: 
     inside = offs < n
     key = _keys(w_ptr, prot_ptr, offs, inside, HAS_PROT)
     thr = tl.load(state_ptr)
-    tl.store(keep_ptr + offs, (key > thr).to(tl.int8), mask=inside)
+    tl.store(keep_ptr + offs, key > thr, mask=inside)
     tl.store(ties_ptr + tl.program_id(0), tl.sum((inside & (key == thr)).to(tl.int32), axis=0))
 
 
@@ -115,7 +115,7 @@ def _select_ties(w_ptr, prot_ptr, n, state_ptr, keep_ptr, ties_ptr, before_ptr, 
         key = _keys(w_ptr, prot_ptr, offs, inside, HAS_PROT)
         tied = inside & (key == tl.load(state_ptr))
         rank = tl.load(before_ptr + pid) + tl.cumsum(tied.to(tl.int32), axis=0)
-        tl.store(keep_ptr + offs, tl.full((BLOCK,), 1, tl.int8), mask=tied & (rank <= tl.load(state_ptr + 1)))
+        tl.store(keep_ptr + offs, tied, mask=tied & (rank <= tl.load(state_ptr + 1)))
 
 
 def select_topk(w: torch.Tensor, k: int, protected: torch.Tensor | None = None, warm: torch.Tensor | None = None):
@@ -143,12 +143,12 @@ def select_topk(w: torch.Tensor, k: int, protected: torch.Tensor | None = None, 
         _radix_pass[grid](flat, prot, n, state, hist, SHIFT=shift, HI_MASK=_hi_mask(shift), LEVEL=level, WARM=False, HAS_PROT=has_prot, BLOCK=BLOCK)
         _radix_scan[(1,)](state, hist, k, SHIFT=shift, LEVEL=level, WARM=False)
     blocks = triton.cdiv(n, BLOCK)
-    keep = torch.empty(n, dtype=torch.int8, device=w.device)
+    keep = torch.empty(n, dtype=torch.bool, device=w.device)  # written as bool: no copy to convert it
     ties = torch.empty(blocks, dtype=torch.int32, device=w.device)
     _select_strict[(blocks,)](flat, prot, n, state, keep, ties, HAS_PROT=has_prot, BLOCK=BLOCK)
     before = torch.cumsum(ties, 0, dtype=torch.int32) - ties
     _select_ties[(blocks,)](flat, prot, n, state, keep, ties, before, HAS_PROT=has_prot, BLOCK=BLOCK)
-    return keep.view(w.shape).bool(), state[0:1].clone()
+    return keep.view(w.shape), state[0:1].clone()
 
 
 class RadixSelect:
