@@ -1,9 +1,9 @@
 """Fused AbsTopK: keep, per row, the k entries of largest |x| (ties: the lower index), zero the rest.
 
-One program handles a few rows held in registers (d ≤ 8192). The k-th largest magnitude is found by a bitwise
-search over the magnitude bits of the float (15 for bf16/fp16, 31 for fp32): each bit costs one in-register
-count, and no memory is touched between the load and the store. The reference is `torch.topk` + `scatter`
-(sparse_lm.model.abstopk), which this matches exactly when magnitudes are distinct.
+One program handles one row held in registers (d ≤ 8192; a single warp when d ≤ 1024). The k-th largest magnitude
+is found by a bitwise search over the magnitude bits of the float (15 for bf16/fp16, 31 for fp32): each bit costs
+one in-register count, and no memory is touched between the load and the store. The reference is `torch.topk` +
+`scatter` (sparse_lm.model.abstopk), which this matches exactly when magnitudes are distinct.
 """
 
 from __future__ import annotations
@@ -53,11 +53,12 @@ def _launch(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     y = torch.empty_like(x2)
     keep = torch.empty(x2.shape, dtype=torch.bool, device=x.device)
     block_d = triton.next_power_of_2(d)
-    rows = max(1, min(16, 2048 // block_d))
+    # Up to 1024 entries, one warp per row: every count is a warp shuffle reduction, with no block barrier (35–73 per
+    # row otherwise) at the same instruction count; wider rows need more warps for registers (docs/benchmarks.md).
+    rows, warps = (1, 1) if block_d <= 1024 else (1, 4 if block_d <= 2048 else 8)
     mag_bits = 31 if x.dtype == torch.float32 else 15
     grid = (triton.cdiv(x2.shape[0], rows),)
-    _abstopk_kernel[grid](x2, y, keep, x2.shape[0], d, k, ROWS=rows, BLOCK_D=block_d, MAG_BITS=mag_bits,
-                          num_warps=4 if block_d <= 2048 else 8)
+    _abstopk_kernel[grid](x2, y, keep, x2.shape[0], d, k, ROWS=rows, BLOCK_D=block_d, MAG_BITS=mag_bits, num_warps=warps)
     return y.view_as(x), keep.view(x.shape)
 
 

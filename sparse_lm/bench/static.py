@@ -105,7 +105,7 @@ def abstopk_cases() -> list[Case]:
     from kernels.abstopk import _abstopk_kernel
 
     cases = []
-    for d, rows, warps in ((1024, 2, 4), (1024, 1, 1), (8192, 1, 8), (8192, 1, 16)):
+    for d, rows, warps in ((1024, 2, 4), (1024, 1, 1), (8192, 1, 8), (8192, 1, 16)):  # (1024, 1, 1): the launch since 14
         for dtype, bits in ((torch.bfloat16, 15), (torch.float32, 31)):
             x = torch.empty(TOKENS, d, dtype=dtype)
             el = x.element_size()
