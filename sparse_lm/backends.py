@@ -19,9 +19,10 @@ import logging
 import torch
 import torch.nn as nn
 
+from kernels.reference import protected_mask
 from sparse_lm.config import Backend, KernelsConfig, OpImpl
 from sparse_lm.fsutil import write_json
-from sparse_lm.sparsity import Plan, Sparsifier, SparseParam, protected_mask
+from sparse_lm.sparsity import Plan, Sparsifier, SparseParam
 
 log = logging.getLogger("sparse_lm")
 

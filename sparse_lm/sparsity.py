@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from kernels.reference import projection_mask
 from sparse_lm.config import SparsityConfig, check_ranges
 from sparse_lm.errors import UserError
 from sparse_lm.roles import role
@@ -45,44 +46,6 @@ def sparse_params(model: nn.Module, cfg: SparsityConfig) -> list[SparseParam]:
         if r.sparse(cfg.sparsify_biases):
             out.append(SparseParam(name, p, r.kind, r.neuron_axis))
     return out
-
-
-def topk_mask(scores: torch.Tensor, k: int, dim: int | None = None) -> torch.Tensor:
-    """Boolean mask of exactly k largest non-negative scores (over the whole tensor, or per slice along `dim`).
-
-    Ties at the threshold go to the lowest index. No host synchronisation: the count of tied entries to
-    take is a tensor.
-    """
-    if dim is None:
-        return topk_mask(scores.reshape(-1), k, 0).view_as(scores)
-    n = scores.shape[dim]
-    if k >= n:
-        return torch.ones_like(scores, dtype=torch.bool)
-    if k <= 0:
-        return torch.zeros_like(scores, dtype=torch.bool)
-    if scores.dtype == torch.float32:
-        scores = scores.view(torch.int32)  # non-negative floats order like their bit patterns; ints compare faster
-    threshold = scores.topk(k, dim=dim, sorted=False).values.amin(dim=dim, keepdim=True)
-    above = scores > threshold
-    tied = scores == threshold
-    need = k - above.sum(dim=dim, keepdim=True)
-    return above | (tied & (tied.cumsum(dim=dim) <= need))
-
-
-def protected_mask(w: torch.Tensor, j: int, neuron_axis: int | None) -> torch.Tensor | None:
-    """The j largest |w| of every neuron (each row for axis 0, each column for axis 1), or None."""
-    if j <= 0 or neuron_axis is None:
-        return None
-    return topk_mask(w.detach().abs().float(), j, dim=1 - neuron_axis)
-
-
-def projection_mask(w: torch.Tensor, k: int, j: int = 0, neuron_axis: int | None = None) -> torch.Tensor:
-    """The entries a projection to k nonzeros keeps, with the j largest of every neuron protected."""
-    score = w.detach().abs().float()
-    protected = protected_mask(w, j, neuron_axis)
-    if protected is not None:
-        score = score.masked_fill(protected, float("inf"))
-    return topk_mask(score, k)
 
 
 class Sparsifier:

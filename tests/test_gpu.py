@@ -30,7 +30,7 @@ def test_kernels_on_cuda_agree_with_their_references():
     from kernels.select import select_topk
     from kernels.spmm import sparse_linear
     from sparse_lm.model import abstopk as abstopk_reference
-    from sparse_lm.sparsity import projection_mask, protected_mask
+    from kernels.reference import projection_mask, protected_mask
 
     w = sparse_weight((1024, 768), 0.01, "cuda")
     k = int((w != 0).sum())

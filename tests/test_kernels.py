@@ -13,7 +13,7 @@ from kernels.compress import compress
 from kernels.select import select_topk
 from kernels.spmm import sparse_linear, spmm
 from sparse_lm.model import abstopk as abstopk_reference
-from sparse_lm.sparsity import projection_mask, protected_mask
+from kernels.reference import projection_mask, protected_mask
 from tests.conftest import DEVICE
 
 

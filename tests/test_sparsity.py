@@ -5,7 +5,8 @@ import torch
 
 from sparse_lm.config import ModelConfig, PosEmb, SparsityConfig
 from sparse_lm.model import GPT
-from sparse_lm.sparsity import Sparsifier, projection_mask, sparse_params, topk_mask
+from kernels.reference import projection_mask, topk_mask
+from sparse_lm.sparsity import Sparsifier, sparse_params
 
 
 def reference_mask(w: torch.Tensor, k: int, j: int = 0, axis: int | None = None) -> torch.Tensor:

@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from kernels.crossover import layer_ops, random_sparse_weight
 from kernels.runtime import time_ms
 from sparse_lm.config import BenchConfig
-from sparse_lm.sparsity import projection_mask, protected_mask
+from kernels.reference import projection_mask, protected_mask
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
