@@ -56,6 +56,8 @@ def _launch(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     # Up to 1024 entries, one warp per row: every count is a warp shuffle reduction, with no block barrier (35–73 per
     # row otherwise) at the same instruction count; wider rows need more warps for registers (docs/benchmarks.md).
     rows, warps = (1, 1) if block_d <= 1024 else (1, 4 if block_d <= 2048 else 8)
+    if not x.is_cuda:  # the interpreter pays per program, not per warp: pack rows (same kernel, other constants)
+        rows = max(1, min(16, 2048 // block_d))
     mag_bits = 31 if x.dtype == torch.float32 else 15
     grid = (triton.cdiv(x2.shape[0], rows),)
     _abstopk_kernel[grid](x2, y, keep, x2.shape[0], d, k, ROWS=rows, BLOCK_D=block_d, MAG_BITS=mag_bits, num_warps=warps)

@@ -38,6 +38,16 @@ def test_abstopk_matches_topk_and_scatter(dtype, d, k):
     assert ((y != 0).sum(-1) == k).all()
 
 
+def test_abstopk_kernel_as_launched_on_a_gpu_one_row_per_warp():
+    """On a CPU the launcher packs rows (the interpreter pays per program); the GPU launch is one row per program."""
+    from kernels.abstopk import _abstopk_kernel
+
+    x = torch.randn(5, 100, device=DEVICE)
+    y, keep = torch.empty_like(x), torch.empty(x.shape, dtype=torch.bool, device=DEVICE)
+    _abstopk_kernel[(5,)](x, y, keep, 5, 100, 17, ROWS=1, BLOCK_D=128, MAG_BITS=31, num_warps=1)
+    assert torch.equal(y, abstopk_reference(x, 17)) and torch.equal(keep, y != 0)
+
+
 def test_abstopk_ties_go_to_the_lowest_index_and_k_at_least_d_is_identity():
     x = torch.tensor([[1.0, -1.0, 1.0, 0.5, -1.0, 0.2], [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]], device=DEVICE)
     _, keep = abstopk_op(x, 2)

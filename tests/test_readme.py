@@ -41,6 +41,9 @@ COMMANDS: dict[str, list[str] | str] = {
     "python -m sparse_lm.bench": BENCH_SMALL,
     "python -m sparse_lm.bench mode=train": BENCH_SMALL,
     "python -m sparse_lm.bench mode=versus baseline=3f6f79b": VERSUS_SMALL,
+    "python -m kernels.check": "tests/test_kernels_check.py runs it (the reduced mode, about a minute)",
+    "python -m sparse_lm.bench.static --sm90 ../shared/tools/sm90.py": "needs the sm_90 compile tool, which lives outside "
+        "the repository (tests/test_bench_static.py checks its SASS parsing)",
     "python -m sparse_lm.prune checkpoint=runs/tiny tasks=all": [],
     "python -m sparse_lm.prune runs/tiny tasks=[bracket_counting] controls=[random_init] out_dir=runs/tiny/circuits/control": PRUNE_SMALL,
     "python -m sparse_lm.prune runs/tiny tasks=[dict_key_quote] controls=all seeds=3 out_dir=runs/tiny/circuits/battery": PRUNE_SMALL,
