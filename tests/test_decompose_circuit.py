@@ -68,6 +68,8 @@ def test_the_command_compares_a_decomposition_with_a_circuit(tiny_run, tmp_path)
     fc, proj = report["matrices"]["blocks.0.mlp.c_fc"], report["matrices"]["blocks.0.mlp.c_proj"]
     assert fc["share_entries"] == pytest.approx(10 * 5 / (128 * 32)) and proj["share_entries"] == pytest.approx(2 * 10 / (32 * 128))
     assert all(0 <= s <= 1 + 1e-6 for s in fc["circuit_share"] + proj["circuit_share"])
+    assert fc["neuron_share_entries"] == proj["neuron_share_entries"] == pytest.approx(10 / 128)  # c_fc rows, c_proj columns
+    assert fc["neuron_share_target"] >= fc["share_target"] - 1e-6  # the neurons' rows hold the circuit's entries and more
     assert report["circuit_neurons"] == 10 and report["neuron_site"] == "0.mlp.neuron"
 
     # Keeping every neuron of the MLP "alone" ablates nothing: the whole model again.

@@ -8,8 +8,8 @@ found on the same checkpoint (docs/decompose.md §Against a circuit):
   averages above 0.5 over the task's contexts. Beside it, how often they are important on pretraining text (a set
   that is important everywhere is generic, not the task's).
 - **overlap**: the share of each subcomponent's squared weight on the circuit's entries of the matrix (its kept
-  rows × kept columns), against the matrix's own share and the share of entries (what a piece spread like the
-  matrix, or uniformly, would show).
+  rows × kept columns), and on the circuit's neurons alone, against the matrix's own share and the share of
+  entries (what a piece spread like the matrix, or uniformly, would show).
 - **ablation, in this MLP only**, scored as the prune tool scores circuits (raw held-out loss per side): H masked
   to 0 (the other subcomponents and the residual at 1) against as many random live subcomponents, and H kept
   alone; the circuit's neurons of this MLP mean-ablated against as many random neurons, and kept alone.
@@ -153,6 +153,11 @@ def compare(dec: SPD, model, tokenizer, mcfg, ckpt: Path, circuit_path: str | Pa
         w = dec.component_weights(n).detach()
         share = edge_share(w, rows, cols)
         target = dec.target_weight(n).detach()
+        # The same on the circuit's neurons alone (c_fc's rows, c_proj's columns), whatever the other axis.
+        on_rows = sites[n][0].endswith("mlp.neuron")
+        everything = list(range(target.shape[1 if on_rows else 0]))
+        neurons = (rows, everything) if on_rows else (everything, cols)
+        neuron_share = edge_share(w, *neurons)
         report["matrices"][n] = {
             "rows": sites[n][0], "cols": sites[n][1], "circuit_rows": len(rows), "circuit_cols": len(cols),
             "task_set": H.tolist(), "task_importance": score.tolist(), "circuit_share": share.tolist(),
@@ -160,13 +165,18 @@ def compare(dec: SPD, model, tokenizer, mcfg, ckpt: Path, circuit_path: str | Pa
             "share_other_live": share[others].mean().item() if len(others) else None,
             "share_target": edge_share(target[None], rows, cols).item(),
             "share_entries": len(rows) * len(cols) / target.numel(),
+            "neuron_share_task_set": neuron_share[H].mean().item() if len(H) else None,
+            "neuron_share_other_live": neuron_share[others].mean().item() if len(others) else None,
+            "neuron_share_target": edge_share(target[None], *neurons).item(),
+            "neuron_share_entries": len(kept.get(site_name(layer, "mlp_neuron"), [])) / target.shape[0 if on_rows else 1],
             "generic_rate_task_set": generic[n][H].mean().item() if len(H) else None,
             "generic_rate_other_live": generic[n][others].mean().item() if len(others) else None,
         }
         m = report["matrices"][n]
         log(f"  {n}: |H| {len(H)} of {m['live']} live; squared weight on the circuit's {len(rows)}x{len(cols)} entries: "
             f"H {fmt(m['share_task_set'])}, other live {fmt(m['share_other_live'])}, the matrix {m['share_target']:.3f}, "
-            f"entries {m['share_entries']:.3f}")
+            f"entries {m['share_entries']:.3f}; on its {m['neuron_share_entries']:.1%} of neurons: H {fmt(m['neuron_share_task_set'])}, "
+            f"other live {fmt(m['neuron_share_other_live'])}, the matrix {m['neuron_share_target']:.3f}")
 
     def keep_masks(drop: dict[str, torch.Tensor], keep_only: bool = False) -> dict[str, torch.Tensor]:
         out = {}

@@ -111,7 +111,7 @@ def versus_circuit(report: dict, path: Path) -> None:
         ax.set_xlabel("task importance (mean over contexts of the max CI)")
         ax.set_ylabel(f"squared weight on circuit entries ({m['circuit_rows']}×{m['circuit_cols']})")
         ax.set_title(name, fontsize=9)
-        ax.set_ylim(0, 1)
+        ax.set_ylim(0, max(0.1, 1.15 * float(share.max())))
         ax.legend(fontsize=7)
     ax = axes[-1]
     ab = report["ablation"]
