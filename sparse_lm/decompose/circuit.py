@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from sparse_lm import checkpoint
 from sparse_lm.circuits.edges import mlp_matrix_sites
 from sparse_lm.circuits.nodes import Ablation, NodeSpace
 from sparse_lm.circuits.prune import cached_stats, pretraining_tokens
@@ -49,7 +50,11 @@ def read_circuit(path: str | Path, ckpt: Path) -> tuple[dict, dict]:
         why = "; ".join(data.get("why", [])) or "no circuit reached the target"
         raise UserError(f"circuit: {path} holds no circuit for task {data.get('task')!r} ({why})")
     settings = json.loads((path.parent / "run.json").read_text())["config"]
-    if Path(settings["checkpoint"]).resolve() != ckpt.resolve():
+    try:
+        pruned = checkpoint.resolve(settings["checkpoint"]).resolve()  # a run directory, or one of its checkpoints
+    except Exception:  # moved or deleted since: compare the names as they are
+        pruned = Path(settings["checkpoint"])
+    if pruned != ckpt.resolve():
         raise UserError(f"circuit: {path} was pruned on {settings['checkpoint']}, not on the decomposed {ckpt}")
     return data, settings
 
