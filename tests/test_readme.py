@@ -55,9 +55,11 @@ COMMANDS: dict[str, list[str] | str] = {
     "python -m sparse_lm.decompose decompose=tms_40_10": ["toy.steps=100", "steps=4", "batch_size=128", "eval_interval=2", "ckpt_interval=2"],
     "python -m sparse_lm.decompose decompose=tiny_mlp checkpoint=runs/tiny pattern=true":
         ["steps=3", "batch_size=2", "ctx=16", "C=8", "eval_interval=3", "ckpt_interval=3"],
-    "python -m sparse_lm.decompose decompose=tiny_mlp checkpoint=runs/tiny circuit=runs/tiny/circuits/step-000600/single_double_quote.json":
-        "needs a circuit, which the 4-step run here does not have; tests/test_decompose_circuit.py runs the comparison "
-        "on a 40-step run with a hand-made circuit",
+    "python -m sparse_lm.prune runs/frontier-cpu/runs/d128-dense-1200-s0 tasks=[single_double_quote] controls=all out_dir=runs/frontier-cpu/runs/d128-dense-1200-s0/circuits/battery":
+        "needs the frontier's models (10 min of pruning on them); the prune command above runs here on the tiny run",
+    "python -m sparse_lm.decompose decompose=tiny_mlp checkpoint=runs/frontier-cpu/runs/d128-dense-1200-s0 circuit=runs/frontier-cpu/runs/d128-dense-1200-s0/circuits/battery/single_double_quote.json":
+        "needs the frontier's models and their circuit; tests/test_decompose_circuit.py runs the comparison on a "
+        "40-step run with a hand-made circuit",
     "python -m sparse_lm.plateaus runs/tiny": ["n_prompts=12", "n_bases=4", "steps=5", "bootstrap=50", "ctx=8"],
     "pip install -e .[reference]": "installation: .ci/run installs the test extras, which include tiktoken",
     "python -m sparse_lm.prune checkpoint=models/csp_yolo1 tasks=all": "needs a released model (a download); "
