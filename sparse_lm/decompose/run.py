@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from sparse_lm import checkpoint
 from sparse_lm.cli import load_model
-from sparse_lm.config import DecomposeConfig, Init, Method, Toy
+from sparse_lm.config import DecomposeConfig, Init, Method
 from sparse_lm.decompose import circuit as versus
 from sparse_lm.decompose import metrics
 from sparse_lm.decompose.apd import APD
