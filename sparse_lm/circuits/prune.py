@@ -90,16 +90,22 @@ def subject(label: str, model: GPT, tokens: torch.Tensor, stats: dict | None = N
     return Subject(label, model, (stats or cached_stats(model, tokens, None))["means"], tokens)
 
 
-def prune_all(model: GPT, tokenizer, mcfg, state: dict, ckpt: Path, tasks: list[str], cfg: PruneConfig, log=print) -> Results:
-    """Every task's circuit and battery on the checkpoint's model (typed results; nothing written)."""
-    t0 = time.time()
-    asked = controls_asked(cfg)
+def trained_stats(model: GPT, tokenizer, mcfg, state: dict, ckpt: Path, cfg: PruneConfig) -> tuple[torch.Tensor, dict, dict]:
+    """(pretraining tokens, site statistics cached beside the checkpoint, where the tokens came from), as `cfg`
+    (mean_sequences, means_data) asks."""
     converted = "converted_from" in state  # sparse_lm.convert: no pretraining data of its own
     tokens, means_from = pretraining_tokens(mcfg, cfg.mean_sequences, cfg, tokenizer if converted or cfg.means_data else None)
     # Statistics over other data than the checkpoint's own are named after that data's cache entry (corpus,
     # tokenizer and settings): an edited corpus or another interpreter's stdlib gets statistics of its own.
     other = "" if not (converted or cfg.means_data) else "-" + Path(means_from["cache"]).name
-    stats = cached_stats(model, tokens, ckpt / f"site_stats-{cfg.mean_sequences}{other}.pt")
+    return tokens, cached_stats(model, tokens, ckpt / f"site_stats-{cfg.mean_sequences}{other}.pt"), means_from
+
+
+def prune_all(model: GPT, tokenizer, mcfg, state: dict, ckpt: Path, tasks: list[str], cfg: PruneConfig, log=print) -> Results:
+    """Every task's circuit and battery on the checkpoint's model (typed results; nothing written)."""
+    t0 = time.time()
+    asked = controls_asked(cfg)
+    tokens, stats, means_from = trained_stats(model, tokenizer, mcfg, state, ckpt, cfg)
     trained = subject("trained model", model, tokens, stats)
     controls = {}
     if "random_init" in asked:

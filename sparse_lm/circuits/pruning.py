@@ -74,6 +74,12 @@ def side_losses(delta: torch.Tensor, scale=1.0, shift=0.0) -> torch.Tensor:
     return torch.cat([F.softplus(-z[:n]), F.softplus(z[n:])])
 
 
+def accuracy(delta: torch.Tensor) -> float:
+    """Share of contexts whose logit difference prefers the right answer (a on the A sides, b on the B sides)."""
+    n = len(delta) // 2
+    return torch.cat([delta[:n] > 0, delta[n:] < 0]).float().mean().item()
+
+
 def calibrate(delta: torch.Tensor, steps: int = 100) -> tuple[float, float]:
     """Logit scale (> 0) and shift minimising the task loss on `delta` (LBFGS).
 
@@ -171,9 +177,8 @@ class Judge:
         delta = logit_diffs(self.model, self.space, self.how, keep, self.test)
         own = calibrate(logit_diffs(self.model, self.space, self.how, keep, self.calib)) if fit or self.mode == Calibration.per_candidate else None
         scale, shift = own if self.mode == Calibration.per_candidate else self.fixed
-        n = len(delta) // 2
-        right = torch.cat([delta[:n] > 0, delta[n:] < 0]).float().mean().item()
-        ev = Evaluation(loss=side_losses(delta, scale, shift).mean().item(), raw_loss=side_losses(delta).mean().item(), accuracy=right)
+        ev = Evaluation(loss=side_losses(delta, scale, shift).mean().item(), raw_loss=side_losses(delta).mean().item(),
+                        accuracy=accuracy(delta))
         if own is not None:
             ev.scale, ev.shift = own
             ev.calibrated_loss = side_losses(delta, *own).mean().item()

@@ -27,8 +27,8 @@ import torch
 from sparse_lm import checkpoint
 from sparse_lm.circuits.edges import mlp_matrix_sites
 from sparse_lm.circuits.nodes import Ablation, NodeSpace
-from sparse_lm.circuits.prune import cached_stats, pretraining_tokens
-from sparse_lm.circuits.pruning import logit_diff, logit_diffs, side_losses
+from sparse_lm.circuits.prune import trained_stats
+from sparse_lm.circuits.pruning import accuracy, logit_diff, logit_diffs, side_losses
 from sparse_lm.circuits.tasks import TaskData, build
 from sparse_lm.config import PruneConfig
 from sparse_lm.decompose.components import run_target
@@ -120,9 +120,7 @@ def masked_loss(dec: SPD, data: TaskData, masks: dict[str, torch.Tensor] | None)
 
 
 def scores(delta: torch.Tensor) -> dict[str, float]:
-    n = len(delta) // 2
-    right = torch.cat([delta[:n] > 0, delta[n:] < 0]).float().mean().item()
-    return {"loss": side_losses(delta).mean().item(), "accuracy": right}
+    return {"loss": side_losses(delta).mean().item(), "accuracy": accuracy(delta)}
 
 
 def spread(rows: list[dict]) -> dict:
@@ -131,13 +129,14 @@ def spread(rows: list[dict]) -> dict:
             "accuracy": sum(r["accuracy"] for r in rows) / len(rows)}
 
 
-def compare(dec: SPD, model, tokenizer, mcfg, ckpt: Path, circuit_path: str | Path, seed: int = 0, log=print) -> dict:
+def compare(dec: SPD, model, tokenizer, mcfg, state: dict, ckpt: Path, circuit_path: str | Path, seed: int = 0, log=print) -> dict:
     data, settings = read_circuit(circuit_path, ckpt)
     task, kept = data["task"], data["circuit"]["kept"]
     layer, sites = mlp_matrices(dec.names)
     test = build(task, tokenizer, "test", 2 * settings["n_test"], settings["seed"], max_len=mcfg.model.ctx_len)
-    tokens, _ = pretraining_tokens(mcfg, settings["mean_sequences"], PruneConfig(means_data=settings.get("means_data")))
-    stats = cached_stats(model, tokens, ckpt / f"site_stats-{settings['mean_sequences']}.pt")
+    # the means the prune run ablated with: the same sequences, the same data
+    prune_cfg = PruneConfig(mean_sequences=settings["mean_sequences"], means_data=settings.get("means_data"))
+    tokens, stats, _ = trained_stats(model, tokenizer, mcfg, state, ckpt, prune_cfg)
     g = torch.Generator().manual_seed(seed)
     log(f"against the {task} circuit of {circuit_path}: {len(test.tokens)} held-out contexts")
 

@@ -42,7 +42,7 @@ class Target:
     def __init__(self, model, batch, output, output_kind: str, truth=None, n_features: int | None = None, loaded=None):
         self.model, self.batch, self.output, self.output_kind = model, batch, output, output_kind
         self.truth, self.n_features = truth, n_features
-        self.loaded = loaded  # a checkpoint's (path, tokenizer, config)
+        self.loaded = loaded  # a checkpoint's (path, tokenizer, config, state)
 
 
 def toy_target(cfg: DecomposeConfig, out: Path, log) -> Target:
@@ -82,7 +82,7 @@ def model_target(cfg: DecomposeConfig, log) -> Target:
         starts = torch.randint(0, len(train) - cfg.ctx, (cfg.batch_size,), generator=g).numpy()
         return torch.from_numpy(np.stack([train[s : s + cfg.ctx] for s in starts]).astype(np.int64))
 
-    return Target(model, batch, lambda m, x: m(x)[0], "kl", loaded=(ckpt, tok, mcfg))
+    return Target(model, batch, lambda m, x: m(x)[0], "kl", loaded=(ckpt, tok, mcfg, state))
 
 
 def build(cfg: DecomposeConfig, t: Target):
@@ -206,8 +206,8 @@ def run(cfg: DecomposeConfig, log=print) -> dict:
     plot.draw_all(dec, t, history, out)
     log(f"wrote {out}/decomposition.json, curves.png" + (", components.png, importance.png" if t.n_features else ""))
     if cfg.circuit is not None:
-        ckpt, tok, mcfg = t.loaded
-        report = versus.compare(dec, t.model, tok, mcfg, ckpt, cfg.circuit, cfg.seed, log)
+        ckpt, tok, mcfg, state = t.loaded
+        report = versus.compare(dec, t.model, tok, mcfg, state, ckpt, cfg.circuit, cfg.seed, log)
         stem = out / f"versus-{report['task']}"
         write_json(stem.with_suffix(".json"), report)
         plot.versus_circuit(report, stem.with_suffix(".png"))
