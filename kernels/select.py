@@ -14,6 +14,12 @@ full passes, which otherwise return at once, do the work.
 Ties at the threshold go to the lowest flat index, as in the reference: a last pass keeps keys above the
 threshold and counts ties per block, and a second one ranks the tied entries with an exclusive prefix over
 the blocks (it skips blocks without ties).
+
+The j rule is fused into the first pass. With j > 0 that pass walks the matrix neuron by neuron (rows or columns,
+read along the neuron's fan-in or fan-out): it finds each neuron's j-th largest key by walking its distinct keys
+from the top (j + 1 sweeps of the fan, each a max and a count, served from L1/L2 after the first), ranks the
+neuron's ties at it by fan index, writes the protection as a bool mask, and adds every key, protected ones as +inf,
+to the first histogram. The later passes read that mask.
 """
 
 from __future__ import annotations
@@ -70,6 +76,66 @@ def _radix_pass(w_ptr, prot_ptr, n, state_ptr, hist_ptr, SHIFT: tl.constexpr, HI
 
 
 @triton.jit
+def _protect_pass(w_ptr, prot_ptr, n_neurons, fan, j, state_ptr, hist_ptr, SHIFT: tl.constexpr,
+                  HI_MASK: tl.constexpr, WARM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr):
+    """The j largest |w| of every row (ties: the lower index) -> prot_ptr, fused with the first radix pass.
+
+    w is [n_neurons, fan], contiguous. Each program walks whole rows, BLOCK_N at a time.
+    """
+    prefix = tl.load(state_ptr)
+    hist = tl.zeros((512,), dtype=tl.int32)
+    above_prefix = tl.zeros((BLOCK_N, BLOCK_F), dtype=tl.int32)
+    cols = tl.arange(0, BLOCK_F)
+    for tile in range(tl.program_id(0), tl.cdiv(n_neurons, BLOCK_N), tl.num_programs(0)):
+        nrn = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        live = nrn < n_neurons
+        # The neuron's j-th largest key T, walking its distinct keys from the top: pass r finds the largest key below
+        # the previous pass's (v_r) and counts the previous one's copies; T is the first v whose running count
+        # reaches j, and `need` is how many of T's copies the j rule takes. j + 1 passes (5 for the default j = 4)
+        # of a max and a count, against 31 counts for a bitwise search.
+        prev = tl.zeros((BLOCK_N,), dtype=tl.int32)
+        thr = tl.full((BLOCK_N,), -1, tl.int32)  # stays -1 when the fan has fewer than j entries: all protected
+        need = tl.zeros((BLOCK_N,), dtype=tl.int32)
+        above = tl.zeros((BLOCK_N,), dtype=tl.int32)  # keys above prev
+        found = tl.zeros((BLOCK_N,), dtype=tl.int1)
+        for r in range(j + 1):
+            v = tl.full((BLOCK_N,), -1, tl.int32)
+            copies = tl.zeros((BLOCK_N,), dtype=tl.int32)
+            for f0 in range(0, fan, BLOCK_F):
+                inside = live[:, None] & (f0 + cols[None, :] < fan)
+                key = _keys(w_ptr, prot_ptr, nrn.to(tl.int64)[:, None] * fan + f0 + cols[None, :], inside, False)
+                below = inside & ((key < prev[:, None]) | (r == 0))
+                v = tl.maximum(v, tl.max(tl.where(below, key, -1), axis=1))
+                copies += tl.sum((inside & (key == prev[:, None]) & (r > 0)).to(tl.int32), axis=1)
+            reached = (~found) & (r > 0) & (above + copies >= j)
+            thr = tl.where(reached, prev, thr)
+            need = tl.where(reached, j - above, need)
+            found = found | reached
+            above += copies
+            prev = v
+        ties_before = tl.zeros((BLOCK_N,), dtype=tl.int32)
+        for f0 in range(0, fan, BLOCK_F):
+            inside = live[:, None] & (f0 + cols[None, :] < fan)
+            offs = nrn.to(tl.int64)[:, None] * fan + f0 + cols[None, :]
+            key = _keys(w_ptr, prot_ptr, offs, inside, False)
+            tied = inside & (key == thr[:, None])
+            rank = ties_before[:, None] + tl.cumsum(tied.to(tl.int32), axis=1)
+            ties_before += tl.sum(tied.to(tl.int32), axis=1)
+            prot = inside & ((key > thr[:, None]) | (tied & (rank <= need[:, None])))
+            tl.store(prot_ptr + offs, prot, mask=inside)
+            # The first radix pass on the same keys, protected ones as +inf (as _keys gives the later passes).
+            key = tl.where(prot, 0x7F800000, key)
+            high = key & HI_MASK
+            match = inside & (high == prefix)
+            hist += tl.histogram(tl.reshape(tl.where(match, (key >> SHIFT) & 255, 256), (BLOCK_N * BLOCK_F,)), 512)
+            if WARM:
+                above_prefix += (inside & (high > prefix)).to(tl.int32)
+    tl.atomic_add(hist_ptr + tl.arange(0, 512), hist)
+    if WARM:
+        tl.atomic_add(state_ptr + 3, tl.sum(tl.sum(above_prefix, axis=1), axis=0))
+
+
+@triton.jit
 def _radix_scan(state_ptr, hist_ptr, k, SHIFT: tl.constexpr, LEVEL: tl.constexpr, WARM: tl.constexpr):
     """Fix the digit at SHIFT: the largest d with count(digit ≥ d) ≥ k_rem among matching keys."""
     level = tl.load(state_ptr + 2)
@@ -118,30 +184,57 @@ def _select_ties(w_ptr, prot_ptr, n, state_ptr, keep_ptr, ties_ptr, before_ptr, 
         tl.store(keep_ptr + offs, tied, mask=tied & (rank <= tl.load(state_ptr + 1)))
 
 
-def select_topk(w: torch.Tensor, k: int, protected: torch.Tensor | None = None, warm: torch.Tensor | None = None):
-    """(mask of the k largest |w| with protected entries first, threshold key for the next warm start)."""
+def _protect_tiles(cuda: bool) -> tuple[int, int, int]:
+    """(BLOCK_N rows, BLOCK_F entries, num_warps) for the protection pass."""
+    if not cuda:  # the interpreter pays per program and per loop trip: big tiles
+        return 16, 64, 4
+    return 4, 256, 4  # the fewest instructions per entry of the tiles compared (docs/benchmarks.md)
+
+
+def select_topk(w: torch.Tensor, k: int, j: int = 0, neuron_axis: int | None = None, warm: torch.Tensor | None = None):
+    """(mask of the k largest |w| with every neuron's j largest first, threshold key for the next warm start).
+
+    The survivors are kernels.reference.projection_mask(w, k, j, neuron_axis), entry for entry: neurons are the
+    rows of a 2-D `w` for neuron_axis 0, its columns for 1; j = 0 or neuron_axis None protects nothing.
+    """
     require_launchable(w, "radix select")
     n = w.numel()
     if n >= 2**31:
         raise ValueError(f"radix select handles tensors of fewer than 2³¹ entries, got {n}")
     if k >= n or k <= 0:
         return torch.full(w.shape, k > 0, dtype=torch.bool, device=w.device), warm
+    has_prot = j > 0 and neuron_axis is not None
+    if has_prot and (w.dim() != 2 or neuron_axis not in (0, 1)):
+        raise ValueError(f"the j rule needs a 2-D weight and neuron_axis 0 or 1, got shape {tuple(w.shape)}, axis {neuron_axis}")
     flat = w.detach().float().contiguous().view(-1)
-    prot = protected.contiguous().view(-1).view(torch.int8) if protected is not None else flat
-    has_prot = protected is not None
+    prot = flat  # no mask to read unless the j rule writes one
     state = torch.zeros(4, dtype=torch.int32, device=w.device)  # prefix, k still to place, bits fixed, warm count
     state[1] = k
     hist = torch.zeros(512, dtype=torch.int32, device=w.device)
     grid = (min(triton.cdiv(n, BLOCK), MAX_PROGRAMS),)
+    passes = [(shift, 24 - shift, False) for shift in PASSES]  # (digit position, bits fixed before it, warm)
     if warm is not None:
         state[0:1] = warm & _hi_mask(8)
         state[2] = 16
-        _radix_pass[grid](flat, prot, n, state, hist, SHIFT=8, HI_MASK=_hi_mask(8), LEVEL=16, WARM=True, HAS_PROT=has_prot, BLOCK=BLOCK)
-        _radix_scan[(1,)](state, hist, k, SHIFT=8, LEVEL=16, WARM=True)
-    for shift in PASSES:
-        level = 24 - shift
-        _radix_pass[grid](flat, prot, n, state, hist, SHIFT=shift, HI_MASK=_hi_mask(shift), LEVEL=level, WARM=False, HAS_PROT=has_prot, BLOCK=BLOCK)
-        _radix_scan[(1,)](state, hist, k, SHIFT=shift, LEVEL=level, WARM=False)
+        passes.insert(0, (8, 16, True))
+    if has_prot:  # the first pass, fused with the j rule; it runs unconditionally, so it must be the one due now
+        # Columns as neurons: the pass reads a transposed copy, so every neuron's fan is a contiguous row (one pass
+        # reading columns in place either runs one program per 64 columns, too few to fill the GPU, or reads them
+        # uncoalesced), and its mask comes back transposed. Two copies, against j + 2 sweeps of the fan.
+        rows_first = flat.view(w.shape) if neuron_axis == 0 else flat.view(w.shape).t().contiguous()
+        neurons, fan = rows_first.shape
+        prot_rows = torch.empty(neurons, fan, dtype=torch.bool, device=w.device)
+        block_n, block_f, warps = _protect_tiles(w.is_cuda)
+        shift, _, is_warm = passes[0]
+        _protect_pass[(min(triton.cdiv(neurons, block_n), MAX_PROGRAMS),)](
+            rows_first, prot_rows, neurons, fan, j, state, hist, SHIFT=shift, HI_MASK=_hi_mask(shift),
+            WARM=is_warm, BLOCK_N=block_n, BLOCK_F=min(block_f, triton.next_power_of_2(fan)), num_warps=warps)
+        prot = (prot_rows if neuron_axis == 0 else prot_rows.t().contiguous()).view(-1)
+    for i, (shift, level, is_warm) in enumerate(passes):
+        if not (has_prot and i == 0):
+            _radix_pass[grid](flat, prot, n, state, hist, SHIFT=shift, HI_MASK=_hi_mask(shift), LEVEL=level, WARM=is_warm,
+                              HAS_PROT=has_prot, BLOCK=BLOCK)
+        _radix_scan[(1,)](state, hist, k, SHIFT=shift, LEVEL=level, WARM=is_warm)
     blocks = triton.cdiv(n, BLOCK)
     keep = torch.empty(n, dtype=torch.bool, device=w.device)  # written as bool: no copy to convert it
     ties = torch.empty(blocks, dtype=torch.int32, device=w.device)
@@ -157,8 +250,8 @@ class RadixSelect:
     def __init__(self):
         self.thresholds: dict[str, torch.Tensor] = {}
 
-    def __call__(self, name: str, w: torch.Tensor, k: int, protected: torch.Tensor | None = None) -> torch.Tensor:
-        mask, thr = select_topk(w, k, protected, self.thresholds.get(name))
+    def __call__(self, name: str, w: torch.Tensor, k: int, j: int = 0, neuron_axis: int | None = None) -> torch.Tensor:
+        mask, thr = select_topk(w, k, j, neuron_axis, self.thresholds.get(name))
         if thr is not None:
             self.thresholds[name] = thr
         return mask

@@ -19,7 +19,6 @@ import logging
 import torch
 import torch.nn as nn
 
-from kernels.reference import protected_mask
 from sparse_lm.config import Backend, KernelsConfig, OpImpl
 from sparse_lm.fsutil import write_json
 from sparse_lm.sparsity import Plan, Sparsifier, SparseParam
@@ -67,7 +66,7 @@ def install(model: nn.Module, sparsifier: Sparsifier, cfg: KernelsConfig, dtype:
         from kernels.select import RadixSelect
 
         select = RadixSelect()  # warm-started per parameter; the same survivors as projection_mask
-        sparsifier.mask_fn = lambda sp, k, j: select(sp.name, sp.param, k, protected_mask(sp.param, j, sp.neuron_axis))
+        sparsifier.mask_fn = lambda sp, k, j: select(sp.name, sp.param, k, j, sp.neuron_axis)
     layers = []
     if cfg.backend != Backend.dense:
         from kernels.linear import SparseLinear

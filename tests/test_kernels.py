@@ -168,12 +168,28 @@ def test_radix_select_keeps_the_reference_survivors(axis, ties):
     lowest = w.shape[axis] * j if axis is not None else 1
     for k in (lowest, (lowest + w.numel()) // 3, w.numel() - 1):
         ref = projection_mask(w, k, j, axis)
-        got, thr = select_topk(w, k, protected_mask(w, j, axis))
+        got, thr = select_topk(w, k, j, axis)
         assert torch.equal(got, ref) and int(got.sum()) == k
-        again, _ = select_topk(w, k, protected_mask(w, j, axis), warm=thr)  # warm start at the right threshold
+        again, _ = select_topk(w, k, j, axis, warm=thr)  # warm start at the right threshold
         assert torch.equal(again, ref)
-        stale, _ = select_topk(w, k, protected_mask(w, j, axis), warm=torch.tensor([0x3F800000], dtype=torch.int32, device=DEVICE))
+        stale, _ = select_topk(w, k, j, axis, warm=torch.tensor([0x3F800000], dtype=torch.int32, device=DEVICE))
         assert torch.equal(stale, ref)  # a warm start in the wrong place falls back to the full search
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_fused_j_rule_walks_fans_longer_than_a_tile(axis):
+    # Fans of 150 (rows) and 70 (columns) take 3 and 2 tiles of 64 in the protection pass: the j-th largest and the
+    # tie ranks must carry across tiles. Few distinct values, and one neuron all equal (its first j by index).
+    g = torch.Generator().manual_seed(3)
+    w = (torch.randint(-2, 3, (70, 150), generator=g).float() * 0.5).to(DEVICE)
+    w[5, :] = 1.0
+    w[:, 7] = 1.0
+    k = 70 * 150 // 8
+    got, _ = select_topk(w, k, 6, axis)
+    assert torch.equal(got, projection_mask(w, k, 6, axis))
+    assert (got & protected_mask(w, 6, axis)).sum() == protected_mask(w, 6, axis).sum()  # every protected entry kept
+    small_k = w.shape[axis] * 6  # k = the protected count: exactly the j rule's entries survive
+    assert torch.equal(select_topk(w, small_k, 6, axis)[0], protected_mask(w, 6, axis))
 
 
 def test_radix_select_edges():

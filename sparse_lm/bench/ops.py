@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from kernels.crossover import layer_ops, random_sparse_weight
 from kernels.runtime import time_ms
 from sparse_lm.config import BenchConfig
-from kernels.reference import projection_mask, protected_mask
+from kernels.reference import projection_mask
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -92,14 +92,14 @@ def bench_select(cfg: BenchConfig, device, cuda: bool) -> list[dict]:
     if cuda:
         from kernels.select import select_topk
 
-        _, thr = select_topk(w, k, protected_mask(w, 4, 0))
+        _, thr = select_topk(w, k, 4, 0)
         moved = w + 1e-4 * torch.randn_like(w)  # the next step's weights: the warm start applies
-        _, thr_moved = select_topk(moved, k, protected_mask(moved, 4, 0))
-        fns["radix select (cold)"] = lambda: select_topk(w, k, protected_mask(w, 4, 0))
-        fns["radix select (warm)"] = lambda: select_topk(moved, k, protected_mask(moved, 4, 0), warm=thr)
-        extra["identical_survivors"] = bool(torch.equal(select_topk(w, k, protected_mask(w, 4, 0))[0], ref))
+        _, thr_moved = select_topk(moved, k, 4, 0)
+        fns["radix select (cold)"] = lambda: select_topk(w, k, 4, 0)
+        fns["radix select (warm)"] = lambda: select_topk(moved, k, 4, 0, warm=thr)
+        extra["identical_survivors"] = bool(torch.equal(select_topk(w, k, 4, 0)[0], ref))
         extra["identical_survivors_warm"] = bool(
-            torch.equal(select_topk(moved, k, protected_mask(moved, 4, 0), warm=thr_moved)[0], projection_mask(moved, k, 4, 0))
+            torch.equal(select_topk(moved, k, 4, 0, warm=thr_moved)[0], projection_mask(moved, k, 4, 0))
         )
     rows = []
     for name, fn in fns.items():

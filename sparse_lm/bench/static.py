@@ -25,6 +25,7 @@ import math
 import re
 from collections import Counter
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import triton
@@ -48,15 +49,20 @@ def instructions(sass: str) -> list[tuple[int, str]]:
     return [(int(a, 16), t) for a, t in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
 
 
-def hot_loop(sass: str) -> tuple[int, Counter]:
-    """(instructions, opcode counts) of the longest backward branch's body: the kernel's inner loop (0 if none)."""
+def loops(sass: str) -> list[list[str]]:
+    """The body of every backward branch (a loop), in the order the branches appear; nested loops each count."""
     ins = instructions(sass)
-    best: list[str] = []
+    out = []
     for addr, text in ins:
         m = re.search(r"\bBRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", text)
         if m and int(m.group(1), 16) < addr:
-            body = [t for a, t in ins if int(m.group(1), 16) <= a <= addr]
-            best = body if len(body) > len(best) else best
+            out.append([t for a, t in ins if int(m.group(1), 16) <= a <= addr])
+    return out
+
+
+def hot_loop(sass: str) -> tuple[int, Counter]:
+    """(instructions, opcode counts) of the longest backward branch's body: the kernel's inner loop (0 if none)."""
+    best: list[str] = max(loops(sass), key=len, default=[])
     ops = Counter()
     for t in best:
         op = re.sub(r"^@!?U?P[T\d]+\s+", "", t).split()[0]
@@ -76,6 +82,8 @@ class Case:
     dram: float  # bytes the call must move at least
     sectors: float  # 32-byte L1 sectors its loads and stores touch
     iterations: float  # hot-loop trips per program (0: straight-line code)
+    # For nested loops: instructions one program issues, from the loop bodies' sizes (in the order of loops()).
+    per_program: Callable[[list[int]], float] | None = None
 
 
 def spmm_cases() -> list[Case]:
@@ -134,13 +142,30 @@ def compress_cases() -> list[Case]:
 
 
 def select_cases() -> list[Case]:
-    from kernels.select import BLOCK, MAX_PROGRAMS, _hi_mask, _radix_pass, _select_strict
+    from kernels.select import BLOCK, MAX_PROGRAMS, _hi_mask, _protect_pass, _protect_tiles, _radix_pass, _select_strict
 
-    n = 4096 * 4096
+    side = 4096
+    n = side * side
     w, prot = torch.empty(n), torch.empty(n, dtype=torch.int8)
     state, hist = torch.empty(4, dtype=torch.int32), torch.empty(512, dtype=torch.int32)
     programs = min(triton.cdiv(n, BLOCK), MAX_PROGRAMS)
-    return [
+    cases = []
+    j = 4  # the default j rule: j + 1 sweeps of each neuron's fan, then the pass that writes the mask
+    block_n, block_f, warps = _protect_tiles(cuda=True)
+    tiles = triton.cdiv(side, block_n)
+    grid, chunks = min(tiles, MAX_PROGRAMS), side / block_f
+
+    def count(sizes):  # loops in order: the sweep's chunk loop, the j loop, the last pass, the tile loop
+        sweep, j_loop, last, tile = sizes
+        return tiles / grid * ((j + 1) * (sweep * chunks + (j_loop - sweep)) + last * chunks + (tile - j_loop - last))
+
+    # DRAM: w read once (the later sweeps hit L1), the mask written; L1 sectors: j + 2 sweeps and the mask. Columns as
+    # neurons add two torch transposes in front (w) and behind (the mask): 170 MB more, not counted here.
+    cases.append(Case("select: protection (j per row) fused with the first radix pass", _protect_pass,
+                      (w, torch.empty(n, dtype=torch.bool), side, side, j, state, hist),
+                      dict(SHIFT=24, HI_MASK=_hi_mask(24), WARM=False, BLOCK_N=block_n, BLOCK_F=block_f, num_warps=warps),
+                      (grid,), n, "entry", n * 5, n * (4 * (j + 2) + 1) / 32, 0, count))
+    cases += [
         Case("select: one radix pass over 16.8 M (with protection)", _radix_pass, (w, prot, n, state, hist),
              dict(SHIFT=16, HI_MASK=_hi_mask(16), LEVEL=8, WARM=False, HAS_PROT=True, BLOCK=BLOCK), (programs,),
              n, "entry", n * 5, n * 5 / 32, triton.cdiv(n, BLOCK) / programs),
@@ -148,6 +173,7 @@ def select_cases() -> list[Case]:
              (w, prot, n, state, torch.empty(n, dtype=torch.bool), torch.empty(n // BLOCK, dtype=torch.int32)),
              dict(HAS_PROT=True, BLOCK=BLOCK), (triton.cdiv(n, BLOCK),), n, "entry", n * 6, n * 6 / 32, 0),
     ]
+    return cases
 
 
 def analyse(sm90, case: Case) -> dict:
@@ -156,7 +182,10 @@ def analyse(sm90, case: Case) -> dict:
     body, ops = hot_loop(sass)
     programs, warps = math.prod(case.grid), row["num_warps"]
     total = len(instructions(sass))  # the tool's own count stops at 4,096 (four-digit addresses)
-    per_program = (total - body) + body * case.iterations if case.iterations else total
+    if case.per_program is not None:
+        per_program = case.per_program([len(b) for b in loops(sass)])
+    else:
+        per_program = (total - body) + body * case.iterations if case.iterations else total
     warp_instr = programs * warps * per_program
     out = {"case": case.name, "registers": row["registers"], "spill_bytes": row["spill_bytes"], "shared_bytes": row["shared_bytes"],
            "occupancy": row["occupancy"], "barriers": row["barriers"], "shuffles": row["shuffles"],
