@@ -10,6 +10,7 @@ import shlex
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -44,7 +45,7 @@ COMMANDS: dict[str, list[str] | str] = {
     "python -m kernels.check": "tests/test_kernels_check.py runs it (the reduced mode, about a minute)",
     "python -m sparse_lm.bench.static --sm90 ../shared/tools/sm90.py": "needs the sm_90 compile tool, which lives outside "
         "the repository (tests/test_bench_static.py checks its SASS parsing)",
-    "python -m sparse_lm.prune checkpoint=runs/tiny tasks=all": [],
+    "python -m sparse_lm.prune checkpoint=runs/tiny tasks=all": PRUNE_SMALL,
     "python -m sparse_lm.prune runs/tiny tasks=[bracket_counting] controls=[random_init] out_dir=runs/tiny/circuits/control": PRUNE_SMALL,
     "python -m sparse_lm.prune runs/tiny tasks=[dict_key_quote] controls=all seeds=3 out_dir=runs/tiny/circuits/battery": PRUNE_SMALL,
     "python -m sparse_lm.frontier frontier=cpu": FRONTIER_SMALL,
@@ -109,23 +110,41 @@ def argv(tokens: list[str]) -> list[str]:
     return [sys.executable, *tokens[1:]]
 
 
+def chain(args: list[str]) -> str:
+    """Commands of one tool (train.py and torchrun count as one) run in README order; different tools may overlap."""
+    return "train" if "train.py" in args else args[args.index("-m") + 1]
+
+
 def test_readme_commands_run_as_printed(tmp_path, cache_dir):
     (tmp_path / "train.py").symlink_to(REPO / "train.py")  # the checkout a user runs the README in
     (tmp_path / "conf").symlink_to(REPO / "conf")
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}  # two commands share the two cores
     has_baseline = subprocess.run(["git", "-C", str(REPO), "cat-file", "-e", "3f6f79b^{commit}"], capture_output=True).returncode == 0
-    ran = []
+    todo = []
     for command, tokens in readme_commands():
         extra = COMMANDS[command]
         if isinstance(extra, str) or (not has_baseline and "baseline=" in command):
             continue
         for old, new in SUBSTITUTE.items():
             tokens = [t.replace(old, new) for t in tokens]
+        todo.append((command, argv(tokens) + extra))
+
+    def run(command: str, args: list[str]) -> subprocess.CompletedProcess:
         t0 = time.time()
-        proc = subprocess.run(argv(tokens) + extra, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
         print(f"{time.time() - t0:5.1f}s  {command}")
         assert proc.returncode == 0, f"{command}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
-        ran.append((command, proc))
+        return proc
+
+    # The first command (the tiny run every later one reads) runs alone; then each tool's commands run in README
+    # order, two tools at a time (the commands are mostly interpreter start-up, one core each).
+    ran = [(todo[0][0], run(*todo[0]))]
+    chains: dict[str, list] = {}
+    for command, args in todo[1:]:
+        chains.setdefault(chain(args), []).append((command, args))
+    with ThreadPoolExecutor(2) as pool:
+        for done in [pool.submit(lambda c: [(command, run(command, args)) for command, args in c], c) for c in chains.values()]:
+            ran += done.result()
     out = {c: p.stdout for c, p in ran}
     runs = tmp_path / "runs"
     assert (runs / "tiny" / "checkpoints" / "step-000004").is_dir() and (runs / "tiny-branch" / "checkpoints" / "step-000004").is_dir()
