@@ -83,6 +83,9 @@ def check_spmm(p: dict) -> list[dict]:
             rows.append({"check": f"{name}: dX with a random dY", "error": rel_err(x.grad, dy.float() @ wq), "tol": tol})
             fm = x.detach().t().contiguous().t()  # feature-major: contiguous along tokens
             rows.append({"check": f"{name}: feature-major X", "error": rel_err(spmm(fm, fwd.row_ptr, fwd.cols, fwd.vals, fwd.order, n), y.detach()), "tol": tol})
+            y_fm = spmm(fm, fwd.row_ptr, fwd.cols, fwd.vals, fwd.order, n, True)
+            rows.append({"check": f"{name}: feature-major X and Y (Y stored along tokens)", "tol": tol,
+                         "error": rel_err(y_fm, y.detach()) if y_fm.stride() == (1, tokens) else float("inf")})
     w = random_sparse_weight(p["shapes"][1], p["densities"][-1], DEVICE, seed=7)
     nnz = int((w != 0).sum())
     short = compress(w, nnz // 2)
@@ -125,6 +128,11 @@ def check_abstopk(p: dict) -> list[dict]:
                 keep = topk_mask(x.detach().abs().float(), k, dim=-1)
                 wrong = int((y.detach() != x.detach() * keep).sum()) + int((x.grad != dy * keep).sum())
                 rows.append({"check": f"AbsTopK {tokens}x{d}, k = d/4, {str(dtype)[6:]}, {label}: forward and backward identical",
+                             "error": wrong, "tol": 0})
+                fm = x.detach().t().contiguous().t()  # stored along tokens, as the feature-major MLP interior has it
+                y_fm = abstopk(fm, k)
+                wrong = int((y_fm != x.detach() * keep).sum()) + (0 if y_fm.stride() == fm.stride() else 1)
+                rows.append({"check": f"AbsTopK {tokens}x{d}, {str(dtype)[6:]}, {label}, stored along tokens: identical, same layout",
                              "error": wrong, "tol": 0})
     return rows
 
@@ -209,13 +217,15 @@ def run_step(out: Path, steps: int, compare: int) -> dict | None:
         return None
     if CUDA:
         args = ["train_overrides=['preset=paper','train.compile=true']",
-                "train_kernels=['kernels=default','kernels=fast','kernels=default train.precision=fp32']",
+                "train_kernels=['kernels=default','kernels=fast','kernels=default train.precision=fp32',"
+                "'kernels=fast kernels.mlp_feature_major=true']",
                 f"train_steps={steps}", f"compare_steps={compare}"]
     else:  # one narrow layer, the Triton kernels forced on (auto stays dense on a CPU), uncompiled under the interpreter
         small = ["preset=tiny", "model.n_layer=1", "model.d_model=32", "model.d_mlp=128", "model.ctx_len=32", "data.vocab_size=512",
                  "sparsity.hidden_density=0.25", "train.batch_size=2", "train.compile=false"]
         args = ["cpu_train_overrides=[" + ",".join(f"'{o}'" for o in small) + "]",
-                "cpu_train_kernels=['kernels=default','kernels=fast kernels.backend=triton','kernels=default train.precision=fp32']",
+                "cpu_train_kernels=['kernels=default','kernels=fast kernels.backend=triton','kernels=default train.precision=fp32',"
+                "'kernels=fast kernels.backend=triton kernels.mlp_feature_major=true']",
                 f"train_steps={steps}", f"cpu_compare_steps={compare}"]
     cmd = [sys.executable, "-m", "sparse_lm.bench", "mode=train", *args, f"hydra.run.dir={out / 'step'}"]
     log("  " + " ".join(cmd[1:]))
@@ -223,9 +233,10 @@ def run_step(out: Path, steps: int, compare: int) -> dict | None:
     if proc.returncode != 0:
         return {"error": (proc.stdout[-2000:] + proc.stderr[-3000:])}
     settings = json.loads((out / "step" / "results.json").read_text())["settings"]
-    default, fast, fp32 = settings.values()
+    default, fast, fp32, fast_fm = settings.values()
     return {"tokens_per_sec": {k: v["tokens_per_sec"] for k, v in settings.items()}, "speedup": fast["speedup"],
-            "max_loss_diff": fast.get("max_loss_diff"), "bf16_noise": fp32.get("max_loss_diff")}
+            "max_loss_diff": fast.get("max_loss_diff"), "bf16_noise": fp32.get("max_loss_diff"),
+            "speedup_feature_major": fast_fm["speedup"], "max_loss_diff_feature_major": fast_fm.get("max_loss_diff")}
 
 
 # ------------------------------------------------------------------------------------------------- verdict
@@ -254,11 +265,16 @@ def targets(p: dict, checks: list[dict], spmm_rows: list[dict], sel: dict, abst:
     if step is None or "error" in step:
         why = "not run: sparse_lm is not installed" if step is None else "the bench failed (see check.json)"
         out.append(("training step: kernels=fast >= 1.5x kernels=default, losses within bf16 noise", False, why))
+        out.append(("training step: the MLP interior feature-major is faster than token-major (kernels=fast), same losses", False, why))
     else:
         noise = max(step["bf16_noise"] or 0.0, 1e-3)
         ok = step["speedup"] >= 1.5 and step["max_loss_diff"] is not None and step["max_loss_diff"] <= noise
         out.append(("training step: kernels=fast >= 1.5x kernels=default, losses within bf16 noise", ok,
                     f"{step['speedup']:.3g}x; max |loss diff| {step['max_loss_diff']:.4f} against bf16-vs-fp32 {noise:.4f}"))
+        fm, fm_diff = step["speedup_feature_major"], step["max_loss_diff_feature_major"]
+        out.append(("training step: the MLP interior feature-major is faster than token-major (kernels=fast), same losses",
+                    CUDA and fm > step["speedup"] and fm_diff is not None and fm_diff <= noise,  # the interpreter's times say nothing
+                    f"{fm:.3g}x kernels=default against {step['speedup']:.3g}x; max |loss diff| {fm_diff:.4f}"))
     return out
 
 

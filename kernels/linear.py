@@ -20,6 +20,7 @@ class SparseLinear(nn.Linear):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
         self.mode = "dense"
+        self.feature_major_out = False  # sparse modes: write y stored along tokens (for a sparse layer reading it next)
         self.fwd: Compressed | None = None  # rows = outputs, for Y = X·Wᵀ
         self.bwd: Compressed | None = None  # rows = inputs, for dX = dY·W
 
@@ -36,7 +37,7 @@ class SparseLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "dense":
             return super().forward(x)
-        return sparse_linear(x.to(self.fwd.vals.dtype), self.weight, self.bias, self.fwd, self.bwd, self.mode)
+        return sparse_linear(x.to(self.fwd.vals.dtype), self.weight, self.bias, self.fwd, self.bwd, self.mode, self.feature_major_out)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, mode={self.mode}"
+        return f"{super().extra_repr()}, mode={self.mode}" + (", feature-major out" if self.feature_major_out else "")

@@ -42,3 +42,8 @@ def time_ms(fn, cuda: bool, warmup_ms: float = 25, rep_ms: float = 100) -> float
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1e3
+
+
+def feature_major(t: torch.Tensor) -> bool:
+    """A 2-D [tokens, features] tensor stored along tokens (the transpose of a contiguous [features, tokens])."""
+    return t.dim() == 2 and t.shape[0] > 1 and t.stride(0) == 1 and t.stride(1) == t.shape[0]

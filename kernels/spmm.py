@@ -4,7 +4,9 @@ Function that uses it for Y = X·Wᵀ and dX = dY·W while dW = dYᵀ·X stays a
 Kernel: a program owns a tile of BT tokens × BR rows of A (rows taken in order of decreasing length) and walks
 the rows' entries in lockstep (sliced-ELL over CSR): step j gathers X[t, col_j(r)] for the whole tile and
 accumulates val_j(r)·X in fp32. Programs that share a token tile run next to each other, so the tile of X they
-gather from stays in cache. X may be token-major (the model's layout) or feature-major (any strides).
+gather from stays in cache. X may be token-major (the model's layout) or feature-major (any strides); Y is
+written token-major, or feature-major on request. Feature-major is the fast layout for both (docs/benchmarks.md):
+each gathered index then fetches a contiguous run of tokens, and each row of Y is stored in full segments.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import triton
 import triton.language as tl
 
 from kernels.compress import Compressed
-from kernels.runtime import require_launchable
+from kernels.runtime import feature_major, require_launchable
 
 
 @triton.jit
@@ -42,12 +44,19 @@ def _spmm_kernel(x_ptr, y_ptr, row_ptr_ptr, cols_ptr, vals_ptr, order_ptr, T, N,
     tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=t_in[:, None] & r_in[None, :])
 
 
+def _new_y(x: torch.Tensor, n_out: int, feature_major_out: bool) -> torch.Tensor:
+    if feature_major_out:
+        return x.new_empty((n_out, x.shape[0])).t()
+    return x.new_empty((x.shape[0], n_out))
+
+
 @torch.library.custom_op("sparse_lm::spmm", mutates_args=())
-def spmm(x: torch.Tensor, row_ptr: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, order: torch.Tensor, n_out: int) -> torch.Tensor:
+def spmm(x: torch.Tensor, row_ptr: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, order: torch.Tensor, n_out: int,
+         feature_major_out: bool = False) -> torch.Tensor:
     """Y [T, n_out] = X [T, K] · Aᵀ for the CSR matrix A [n_out, K] given by (row_ptr, cols, vals, order)."""
     require_launchable(x, "SpMM")
     T = x.shape[0]
-    y = torch.empty((T, n_out), dtype=x.dtype, device=x.device)
+    y = _new_y(x, n_out, feature_major_out)
     BT, BR = 64, 32
     grid = (triton.cdiv(n_out, BR) * triton.cdiv(T, BT),)
     _spmm_kernel[grid](x, y, row_ptr, cols, vals, order, T, n_out, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
@@ -56,42 +65,46 @@ def spmm(x: torch.Tensor, row_ptr: torch.Tensor, cols: torch.Tensor, vals: torch
 
 
 @spmm.register_fake
-def _(x, row_ptr, cols, vals, order, n_out):
-    return x.new_empty((x.shape[0], n_out))
+def _(x, row_ptr, cols, vals, order, n_out, feature_major_out=False):
+    return _new_y(x, n_out, feature_major_out)
 
 
-def matmul_t(x: torch.Tensor, a: Compressed, impl: str) -> torch.Tensor:
-    """x [T, K] · Aᵀ with A [n, K] compressed: 'triton' (our kernel) or 'torch_sparse' (torch CSR, cuSPARSE on GPU)."""
+def matmul_t(x: torch.Tensor, a: Compressed, impl: str, feature_major_out: bool = False) -> torch.Tensor:
+    """x [T, K] · Aᵀ with A [n, K] compressed: 'triton' (our kernel) or 'torch_sparse' (torch CSR, cuSPARSE on GPU,
+    whose result is feature-major whatever is asked)."""
     if impl == "triton":
-        return spmm(x, a.row_ptr, a.cols, a.vals, a.order, a.shape[0])
+        return spmm(x, a.row_ptr, a.cols, a.vals, a.order, a.shape[0], feature_major_out)
     return (a.to_torch_sparse() @ x.t()).t()
 
 
 class SparseLinearFunction(torch.autograd.Function):
     """y = x·Wᵀ + b where the matmuls read compressed copies of W: `fwd` (rows = outputs) and `bwd` (rows = inputs).
 
-    The weight is an input only so that it receives its gradient, which is dense: dW = dyᵀ·x.
+    The weight is an input only so that it receives its gradient, which is dense: dW = dyᵀ·x. y is written
+    feature-major on request; dx takes x's layout, so a feature-major stretch of the model stays so backwards.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, fwd: Compressed, bwd: Compressed, impl: str):
+    def forward(ctx, x, weight, bias, fwd: Compressed, bwd: Compressed, impl: str, feature_major_out: bool = False):
         ctx.save_for_backward(x)
         ctx.bwd, ctx.impl, ctx.has_bias, ctx.weight_dtype = bwd, impl, bias is not None, weight.dtype
-        y = matmul_t(x, fwd, impl)
-        return y if bias is None else y + bias.to(y.dtype)
+        y = matmul_t(x, fwd, impl, feature_major_out)
+        return y if bias is None else y + bias.to(y.dtype)  # the sum keeps y's layout
 
     @staticmethod
     def backward(ctx, dy):
         (x,) = ctx.saved_tensors
-        dy = dy.contiguous()
-        dx = matmul_t(dy, ctx.bwd, ctx.impl) if ctx.needs_input_grad[0] else None
+        if not (dy.is_contiguous() or feature_major(dy)):  # the kernel takes any strides, but not broadcast ones
+            dy = dy.contiguous()
+        dx = matmul_t(dy, ctx.bwd, ctx.impl, feature_major(x)) if ctx.needs_input_grad[0] else None
         dw = (dy.t() @ x).to(ctx.weight_dtype)
         db = dy.sum(0).to(ctx.weight_dtype) if ctx.has_bias else None
-        return dx, dw, db, None, None, None
+        return dx, dw, db, None, None, None, None
 
 
-def sparse_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fwd: Compressed, bwd: Compressed, impl: str):
-    """F.linear over compressed copies; x may have any leading dims."""
+def sparse_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fwd: Compressed, bwd: Compressed, impl: str,
+                  feature_major_out: bool = False):
+    """F.linear over compressed copies; x may have any leading dims, and be stored along tokens (a view, no copy)."""
     lead = x.shape[:-1]
-    y = SparseLinearFunction.apply(x.reshape(-1, x.shape[-1]), weight, bias, fwd, bwd, impl)
+    y = SparseLinearFunction.apply(x.reshape(-1, x.shape[-1]), weight, bias, fwd, bwd, impl, feature_major_out)
     return y.view(*lead, y.shape[-1])

@@ -7,6 +7,7 @@
 - backend: each hidden linear layer becomes a kernels.linear.SparseLinear (same Parameters). Its mode at a step
   is `dense` while the matrix is dense or (for `auto`) above the crossover density, else the SpMM backend.
   The density comes from the step's sparsity plan, so the choice needs no host sync.
+  With mlp_feature_major, each MLP's sparse c_fc writes its output stored along tokens, for c_proj's SpMM.
 - abstopk=triton: every activation Site uses the fused kernel.
 - select=triton: the Sparsifier's projection uses the radix select (warm-started per matrix).
 """
@@ -21,6 +22,7 @@ import torch.nn as nn
 
 from sparse_lm.config import Backend, KernelsConfig, OpImpl
 from sparse_lm.fsutil import write_json
+from sparse_lm.roles import writes_mlp_hidden
 from sparse_lm.sparsity import Plan, Sparsifier, SparseParam
 
 log = logging.getLogger("sparse_lm")
@@ -75,6 +77,7 @@ def install(model: nn.Module, sparsifier: Sparsifier, cfg: KernelsConfig, dtype:
             if sp.kind == "hidden":
                 module_name = sp.name.removesuffix(".weight")
                 layer = SparseLinear(model.get_submodule(module_name))
+                layer.feature_major_out = cfg.mlp_feature_major and writes_mlp_hidden(sp.name)
                 _replace(model, module_name, layer)
                 layers.append((sp, layer))
     crossovers = {}

@@ -212,6 +212,9 @@ class KernelsConfig:
     calibrate: bool = False  # auto: measure the crossover per matrix shape at start-up (CUDA), cached on disk
     abstopk: OpImpl = OpImpl.torch  # activation AbsTopK
     select: OpImpl = OpImpl.torch  # top-k selection of the weight projection
+    # A sparse c_fc writes the MLP's hidden activations along tokens (feature-major), the layout in which c_proj's SpMM
+    # gathers whole segments; GELU and AbsTopK keep it, and the backward pass mirrors it (docs/benchmarks.md).
+    mlp_feature_major: bool = False
 
 
 @dataclass

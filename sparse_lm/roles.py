@@ -72,6 +72,12 @@ def role(name: str) -> Role:
     raise ValueError(f"parameter {name!r} has no role in sparse_lm.roles; add one")
 
 
+def writes_mlp_hidden(name: str) -> bool:
+    """The matrix whose output is the MLP's hidden layer, which only the same MLP's c_proj reads (after the
+    activation function and its site): the stretch of the model that may be stored along tokens."""
+    return name.endswith("mlp.c_fc.weight")
+
+
 def writes_residual(name: str) -> bool:
     """The projections that add into the residual stream (GPT-2 scales their init down with depth)."""
     return name.endswith("c_proj.weight")

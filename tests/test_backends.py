@@ -1,6 +1,7 @@
 """The kernels wired into a model from outside (sparse_lm/backends.py) compute what the reference computes."""
 
 import copy
+import dataclasses
 import os
 
 import pytest
@@ -22,12 +23,20 @@ def model_and_sparsifier(seed=0):
     return model, Sparsifier(model, SparsityConfig(hidden_density=0.25, embed_density=0.5), total_steps=10)
 
 
-def test_installed_kernels_give_the_reference_logits_and_gradients():
+@pytest.mark.parametrize("mlp_feature_major", [False, True])
+def test_installed_kernels_give_the_reference_logits_and_gradients(mlp_feature_major):
     ref_model, ref_sp = model_and_sparsifier()
     model = copy.deepcopy(ref_model)
     sp = Sparsifier(model, ref_sp.cfg, total_steps=10)
     keys = list(model.state_dict())
-    accel = install(model, sp, ALL_TRITON, torch.float32)
+    accel = install(model, sp, dataclasses.replace(ALL_TRITON, mlp_feature_major=mlp_feature_major), torch.float32)
+    hidden = []  # what the MLP's c_proj reads (after GELU and the fused AbsTopK), and the gradient coming back to it
+
+    def keep(module, inputs, out):
+        hidden.append(out)
+        out.register_hook(hidden.append)
+
+    model.site("0.mlp.neuron").register_forward_hook(keep)
     assert list(model.state_dict()) == keys  # same parameter names: checkpoints are interchangeable
     ref_sp.apply(ref_sp.plan(10))
     sp.apply(sp.plan(10))  # radix select: the same survivors
@@ -42,6 +51,10 @@ def test_installed_kernels_give_the_reference_logits_and_gradients():
     ref_loss.backward()
     for (name, p), ref in zip(model.named_parameters(), ref_model.parameters()):
         torch.testing.assert_close(p.grad, ref.grad, rtol=1e-4, atol=1e-6, msg=name)
+    out, grad = hidden
+    tokens = 3 * 12
+    stored_along_tokens = [t.reshape(tokens, -1).stride() == (1, tokens) for t in (out, grad)]
+    assert stored_along_tokens == [mlp_feature_major] * 2, stored_along_tokens  # forwards and backwards, no copy
 
 
 def test_layer_modes_follow_the_schedule_and_the_crossover():
@@ -70,10 +83,12 @@ def test_triton_settings_on_a_cpu_without_the_interpreter_fail_before_any_work(c
 
 
 def test_training_with_every_kernel_matches_the_reference_run(corpus, tmp_path):
-    """Two steps (the second at the final density, through the SpMM, fused AbsTopK and radix select)."""
+    """Two steps (the second at the final density, through the SpMM, fused AbsTopK and radix select, with the MLP's
+    hidden activations stored along tokens)."""
     common = ["train.max_steps=2", "train.batch_size=4", "train.eval_sequences=4", "train.ckpt_interval=2"]
     run_train(tmp_path / "reference", corpus, *common)
-    run_train(tmp_path / "triton", corpus, *common, "kernels.backend=triton", "kernels.abstopk=triton", "kernels.select=triton")
+    run_train(tmp_path / "triton", corpus, *common, "kernels.backend=triton", "kernels.abstopk=triton", "kernels.select=triton",
+              "kernels.mlp_feature_major=true")
     ref, fast = (read_metrics(tmp_path / name / "metrics.jsonl") for name in ("reference", "triton"))
     assert [r["step"] for r in fast] == [r["step"] for r in ref] == [1, 2, 2]
     for a, b in zip(ref, fast):

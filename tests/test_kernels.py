@@ -44,8 +44,13 @@ def test_abstopk_kernel_as_launched_on_a_gpu_one_row_per_warp():
 
     x = torch.randn(5, 100, device=DEVICE)
     y, keep = torch.empty_like(x), torch.empty(x.shape, dtype=torch.bool, device=DEVICE)
-    _abstopk_kernel[(5,)](x, y, keep, 5, 100, 17, ROWS=1, BLOCK_D=128, MAG_BITS=31, num_warps=1)
+    _abstopk_kernel[(5,)](x, y, keep, 5, 100, 17, 100, 1, ROWS=1, BLOCK_D=128, MAG_BITS=31, num_warps=1)
     assert torch.equal(y, abstopk_reference(x, 17)) and torch.equal(keep, y != 0)
+    # Stored along tokens (the feature-major MLP interior): 16 tokens per program, read and written in place.
+    x = torch.randn(100, 40, device=DEVICE).t()
+    y, keep = torch.empty_like(x), torch.empty_like(x, dtype=torch.bool)
+    _abstopk_kernel[(3,)](x, y, keep, 40, 100, 17, 1, 40, ROWS=16, BLOCK_D=128, MAG_BITS=31, num_warps=4)
+    assert y.stride() == (1, 40) and torch.equal(y, abstopk_reference(x, 17)) and torch.equal(keep, y != 0)
 
 
 def test_abstopk_ties_go_to_the_lowest_index_and_k_at_least_d_is_identity():
@@ -153,6 +158,37 @@ def test_spmm_in_fp16_and_on_feature_major_input():
     x = torch.randn(24, 50, dtype=torch.float16, device=DEVICE).t()  # strides (1, 50): feature-major
     y = spmm(x, c.row_ptr, c.cols, c.vals, c.order, 40)
     torch.testing.assert_close(y.float(), x.float() @ w.float().t(), rtol=1e-2, atol=1e-2)
+    y_fm = spmm(x, c.row_ptr, c.cols, c.vals, c.order, 40, True)  # written along tokens as well
+    assert y_fm.stride() == (1, 50) and torch.equal(y_fm, y)
+
+
+def test_a_feature_major_mlp_interior_matches_dense_and_keeps_its_layout_backwards():
+    """c_fc writes along tokens, GELU and the fused AbsTopK keep that layout, c_proj reads it; the gradients come
+    back in the same layouts (dX takes X's), and every value and gradient equals the dense token-major reference."""
+    w1, w2 = sparse_matrix(48, 20, 0.2, seed=4), sparse_matrix(20, 48, 0.2, seed=5)
+    c1 = [compress(a, int((a != 0).sum())) for a in (w1, w1.t())]
+    c2 = [compress(a, int((a != 0).sum())) for a in (w2, w2.t())]
+    x = torch.randn(3, 7, 20, device=DEVICE, requires_grad=True)
+    seen = []
+
+    def mlp(x, w1, w2, sparse):
+        h = sparse_linear(x, w1, None, *c1, "triton", True) if sparse else F.linear(x, w1)
+        h = (abstopk if sparse else abstopk_reference)(F.gelu(h), 12)
+        if sparse:
+            seen.append(h.reshape(21, 48).stride())
+            h.register_hook(lambda g: seen.append(g.reshape(21, 48).stride()))
+        return sparse_linear(h, w2, None, *c2, "triton") if sparse else F.linear(h, w2)
+
+    a = [t.detach().clone().requires_grad_(True) for t in (x, w1, w2)]
+    b = [t.detach().clone().requires_grad_(True) for t in (x, w1, w2)]
+    y, ref = mlp(*a, True), mlp(*b, False)
+    g = torch.randn_like(ref)
+    y.backward(g)
+    ref.backward(g)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    assert y.is_contiguous() and seen == [(1, 21), (1, 21)]  # c_proj writes token-major for the residual stream
+    for got, want in zip(a, b):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------- top-k selection
@@ -226,6 +262,10 @@ def test_custom_ops_pass_opcheck():
     w = sparse_matrix(12, 20, 0.2)
     c = compress(w, int((w != 0).sum()))
     torch.library.opcheck(torch.ops.sparse_lm.spmm.default, (x.detach(), c.row_ptr, c.cols, c.vals, c.order, 12))
+    # Stored along tokens, in and out: the fake implementations must give the real strides.
+    fm = torch.randn(20, 6, device=DEVICE).t()
+    torch.library.opcheck(torch.ops.sparse_lm.abstopk.default, (fm.requires_grad_(True), 5))
+    torch.library.opcheck(torch.ops.sparse_lm.spmm.default, (fm.detach(), c.row_ptr, c.cols, c.vals, c.order, 12, True))
 
 
 def test_torch_compile_traces_the_kernels_without_graph_breaks():

@@ -24,12 +24,14 @@ def test_reduced_mode_checks_times_and_prints_a_verdict_per_target(tmp_path):
     report = json.loads((tmp_path / "check.json").read_text())
     assert report["reduced"] and len(report["checks"]) >= 30 and all(c["ok"] for c in report["checks"])
     names = " ".join(c["check"] for c in report["checks"])
-    for what in ("dX with a random dY", "feature-major X", "undersized capacity", "massive ties", "warm-started"):
+    for what in ("dX with a random dY", "feature-major X", "Y stored along tokens", "AbsTopK 64x64, float32, random, stored along tokens",
+                 "per columns", "undersized capacity", "massive ties", "warm-started"):
         assert what in names, what
     verdict = [line for line in proc.stdout.splitlines() if line.startswith(("MET ", "NOT MET "))]
-    assert len(verdict) == len(report["targets"]) == 9
+    assert len(verdict) == len(report["targets"]) == 10
     assert verdict[0].startswith("MET ") and "every correctness check passes" in verdict[0]
-    # The step ran all three settings through the bench; on a CPU in fp32 the kernels reproduce the reference losses.
+    # The step ran all four settings through the bench; on a CPU in fp32 the kernels reproduce the reference losses,
+    # token-major and with the MLP interior stored along tokens.
     step = report["step"]
-    assert len(step["tokens_per_sec"]) == 3 and step["max_loss_diff"] < 1e-3
+    assert len(step["tokens_per_sec"]) == 4 and step["max_loss_diff"] < 1e-3 and step["max_loss_diff_feature_major"] < 1e-3
     assert all(r["ms"]["triton"] > 0 and r["ms"]["dense"] > 0 for r in report["spmm"])

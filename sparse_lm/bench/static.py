@@ -113,14 +113,20 @@ def abstopk_cases() -> list[Case]:
     from kernels.abstopk import _abstopk_kernel
 
     cases = []
-    for d, rows, warps in ((1024, 2, 4), (1024, 1, 1), (8192, 1, 8), (8192, 1, 16)):  # (1024, 1, 1): the launch since 14
+    # (d, tokens per program, warps, stored along tokens): (1024, 1, 1) is the launch since issue 14; the feature-major
+    # rows are the MLP interior's launch with kernels.mlp_feature_major (d_mlp 4096 at the reference shapes).
+    for d, rows, warps, fm in ((1024, 2, 4, False), (1024, 1, 1, False), (8192, 1, 8, False), (8192, 1, 16, False),
+                               (1024, 16, 4, True), (4096, 4, 8, True)):
         for dtype, bits in ((torch.bfloat16, 15), (torch.float32, 31)):
-            x = torch.empty(TOKENS, d, dtype=dtype)
+            x = torch.empty(d, TOKENS, dtype=dtype).t() if fm else torch.empty(TOKENS, d, dtype=dtype)
             el = x.element_size()
-            args = (x, torch.empty_like(x), torch.empty(TOKENS, d, dtype=torch.bool), TOKENS, d, d // 4)
-            cases.append(Case(f"abstopk d={d} {str(dtype)[6:]} rows/program={rows} warps={warps}", _abstopk_kernel, args,
+            args = (x, torch.empty_like(x), torch.empty_like(x, dtype=torch.bool), TOKENS, d, d // 4, x.stride(0), x.stride(1))
+            layout = ", feature-major" if fm else ""
+            # Feature-major: each feature of a program's tokens is one run of rows·el bytes (x, y) and rows (mask).
+            sectors = (TOKENS // rows) * d * (2 * math.ceil(rows * el / 32) + math.ceil(rows / 32)) if fm else TOKENS * d * (2 * el + 1) / 32
+            cases.append(Case(f"abstopk d={d} {str(dtype)[6:]} rows/program={rows} warps={warps}{layout}", _abstopk_kernel, args,
                               dict(ROWS=rows, BLOCK_D=d, MAG_BITS=bits, num_warps=warps), (TOKENS // rows,),
-                              TOKENS * d, "entry", TOKENS * d * (2 * el + 1), TOKENS * d * (2 * el + 1) / 32, 0))
+                              TOKENS * d, "entry", TOKENS * d * (2 * el + 1), sectors, 0))
     return cases
 
 
