@@ -101,7 +101,8 @@ def test_refreshing_the_compressed_copies_does_not_recompile_a_compiled_model():
     import torch._dynamo
 
     model, sp = model_and_sparsifier()
-    accel = install(model, sp, KernelsConfig(backend=Backend.triton), torch.float32)
+    # Every kernel, the MLP interior stored along tokens: the fake implementations must give the real layouts.
+    accel = install(model, sp, dataclasses.replace(ALL_TRITON, mlp_feature_major=True), torch.float32)
     compiled = torch.compile(model, backend="aot_eager")
     idx = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(2)).to(DEVICE)
     sp.apply(sp.plan(8))
