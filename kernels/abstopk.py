@@ -77,18 +77,19 @@ def _outputs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     return x2, torch.empty_like(x2), torch.empty_like(x2, dtype=torch.bool)  # empty_like keeps the layout
 
 
-@torch.library.custom_op("sparse_lm::abstopk", mutates_args=())
+@torch.library.custom_op("sparse_lm::abstopk", mutates_args=(), tags=(torch.Tag.needs_exact_strides,))  # as sparse_lm::spmm
 def abstopk_op(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(values with all but the top-k |x| per row zeroed, boolean mask of the kept entries)."""
-    if k >= x.shape[-1]:
-        return x.contiguous().clone(), x.new_ones(x.shape, dtype=torch.bool)
+    if k >= x.shape[-1]:  # nothing to drop: a copy, in the layout the kernel would have written
+        x2, y, keep = _outputs(x)
+        y.copy_(x2)
+        keep.fill_(True)
+        return y.view(x.shape), keep.view(x.shape)
     return _launch(x, k)
 
 
 @abstopk_op.register_fake
-def _(x, k):  # outputs are feature-major for a feature-major x, contiguous otherwise, as _launch makes them
-    if k >= x.shape[-1]:
-        return x.new_empty(x.shape), x.new_empty(x.shape, dtype=torch.bool)
+def _(x, k):  # outputs are feature-major for a feature-major x, contiguous otherwise, as the real op makes them
     _, y, keep = _outputs(x)
     return y.view(x.shape), keep.view(x.shape)
 

@@ -107,10 +107,29 @@ def check_select(p: dict) -> list[dict]:
             rows.append({"check": f"selection {n}x{k_in}, k = 1/64, j = {J} per {neurons}, {label}: identical survivors",
                          "error": int((mask != projection_mask(w, k, J, axis)).sum()), "tol": 0})
         moved = w + 1e-3 * torch.randn(w.shape, device=DEVICE, generator=gen) * (label == "random")
-        warm, _ = select_topk(moved, k, J, 1, thr)
-        rows.append({"check": f"selection {label}, warm-started from the last threshold: identical survivors",
-                     "error": int((warm != projection_mask(moved, k, J, 1)).sum()), "tol": 0})
+        for axis in (0, 1):
+            warm, _ = select_topk(moved, k, J, axis, thr)
+            rows.append({"check": f"selection {label}, j per {('row', 'column')[axis]}, warm-started from the last threshold: "
+                                  "identical survivors", "error": int((warm != projection_mask(moved, k, J, axis)).sum()), "tol": 0})
+    if CUDA:  # every launch is unconditional with its state on the device: one graph replays the whole selection
+        graph, w, mask = select_graph(n, k_in, J)
+        w.copy_(torch.randn(w.shape, device=DEVICE, generator=gen))
+        graph.replay()
+        rows.append({"check": "selection replayed from a CUDA graph on new weights: identical survivors",
+                     "error": int((mask != projection_mask(w, w.numel() // 64, J, 0)).sum()), "tol": 0})
     return rows
+
+
+def select_graph(n: int, k_in: int, j: int):
+    """(a CUDA graph of one warm-started selection with the j rule per row, its weight buffer, its mask)."""
+    w = torch.randn(n, k_in, device=DEVICE)
+    k = w.numel() // 64
+    _, thr = select_topk(w, k, j, 0)
+    select_topk(w, k, j, 0, thr)  # compile before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        mask, _ = select_topk(w, k, j, 0, thr)
+    return graph, w, mask
 
 
 def check_abstopk(p: dict) -> list[dict]:
@@ -177,11 +196,16 @@ def time_select(p: dict, rep_ms: float) -> dict:
          "torch.topk alone": timed(lambda: w.abs().flatten().topk(k, sorted=False), rep_ms),
          "kernels, j per row": timed(lambda: select_topk(w, k, J, 0), rep_ms),
          "kernels, j per column": timed(lambda: select_topk(w, k, J, 1), rep_ms)}
+    if CUDA:  # the same selection without launch overhead (the warm path, as the trainer's steps after the first)
+        graph, *buffers = select_graph(n, k_in, J)  # the graph reads and writes those buffers: keep them alive
+        t["kernels, j per row, warm, one CUDA graph"] = timed(graph.replay, rep_ms)
     ratios = {axis: t[f"reference projection, j per {axis}"] / t[f"kernels, j per {axis}"] for axis in ("row", "column")}
     row = {"shape": [n, k_in], "ms": t, "vs_reference_by_axis": ratios, "vs_reference": min(ratios.values()),
            "vs_topk": t["torch.topk alone"] / max(t["kernels, j per row"], t["kernels, j per column"])}
     log(f"  selection {n}x{k_in}: {ratios['row']:.3g}x (j per row) and {ratios['column']:.3g}x (j per column) the reference "
         f"projection; the slower {row['vs_topk']:.3g}x bare torch.topk")
+    if CUDA:
+        log(f"  selection from one CUDA graph (warm, j per row): {t['reference projection, j per row'] / t['kernels, j per row, warm, one CUDA graph']:.3g}x the reference")
     return row
 
 

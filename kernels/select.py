@@ -15,8 +15,8 @@ Ties at the threshold go to the lowest flat index, as in the reference: a last p
 threshold and counts ties per block, and a second one ranks the tied entries with an exclusive prefix over
 the blocks (it skips blocks without ties).
 
-The j rule is fused into the first pass. With j > 0 that pass walks the matrix neuron by neuron (rows or columns,
-read along the neuron's fan-in or fan-out): it finds each neuron's j-th largest key by walking its distinct keys
+The j rule is fused into the first pass. With j > 0 that pass walks the matrix neuron by neuron, each a row (for
+neurons that are columns it reads a transposed copy, and its mask is transposed back): it finds each neuron's j-th largest key by walking its distinct keys
 from the top (j + 1 sweeps of the fan, each a max and a count, served from L1/L2 after the first), ranks the
 neuron's ties at it by fan index, writes the protection as a bool mask, and adds every key, protected ones as +inf,
 to the first histogram. The later passes read that mask.
@@ -30,7 +30,7 @@ import triton.language as tl
 
 from kernels.runtime import require_launchable
 
-INF_KEY = 0x7F800000  # bit pattern of +inf: above every finite magnitude
+INF_KEY: tl.constexpr = tl.constexpr(0x7F800000)  # bit pattern of +inf: above every finite magnitude
 PASSES = (24, 16, 8, 0)  # digit positions, 8 bits each
 BLOCK = 1024
 MAX_PROGRAMS = 1024
@@ -48,8 +48,19 @@ def _keys(w_ptr, prot_ptr, offs, inside, HAS_PROT: tl.constexpr):
     key = w.to(tl.int32, bitcast=True) & 0x7FFFFFFF
     if HAS_PROT:
         prot = tl.load(prot_ptr + offs, mask=inside, other=0)
-        key = tl.where(prot != 0, 0x7F800000, key)
+        key = tl.where(prot != 0, INF_KEY, key)
     return key
+
+
+@triton.jit
+def _count_digits(key, inside, prefix, hist, above, SHIFT: tl.constexpr, HI_MASK: tl.constexpr, WARM: tl.constexpr):
+    """A radix pass's work on one block of keys: histogram the digit at SHIFT among the keys matching the prefix
+    (bin 256 collects the rest); for a warm start, also count the keys above the prefix."""
+    high = key & HI_MASK
+    hist += tl.histogram(tl.where(inside & (high == prefix), (key >> SHIFT) & 255, 256), 512)
+    if WARM:
+        above += (inside & (high > prefix)).to(tl.int32)
+    return hist, above
 
 
 @triton.jit
@@ -65,11 +76,7 @@ def _radix_pass(w_ptr, prot_ptr, n, state_ptr, hist_ptr, SHIFT: tl.constexpr, HI
             offs = blk * BLOCK + tl.arange(0, BLOCK)  # n < 2³¹ (checked by select_topk)
             inside = offs < n
             key = _keys(w_ptr, prot_ptr, offs, inside, HAS_PROT)
-            high = key & HI_MASK
-            match = inside & (high == prefix)
-            hist += tl.histogram(tl.where(match, (key >> SHIFT) & 255, 256), 512)  # bin 256 collects the rest
-            if WARM:
-                above += (inside & (high > prefix)).to(tl.int32)
+            hist, above = _count_digits(key, inside, prefix, hist, above, SHIFT, HI_MASK, WARM)
         tl.atomic_add(hist_ptr + tl.arange(0, 512), hist)
         if WARM:
             tl.atomic_add(state_ptr + 3, tl.sum(above, axis=0))
@@ -84,21 +91,21 @@ def _protect_pass(w_ptr, prot_ptr, n_neurons, fan, j, state_ptr, hist_ptr, SHIFT
     """
     prefix = tl.load(state_ptr)
     hist = tl.zeros((512,), dtype=tl.int32)
-    above_prefix = tl.zeros((BLOCK_N, BLOCK_F), dtype=tl.int32)
+    above_prefix = tl.zeros((BLOCK_N * BLOCK_F,), dtype=tl.int32)
     cols = tl.arange(0, BLOCK_F)
     for tile in range(tl.program_id(0), tl.cdiv(n_neurons, BLOCK_N), tl.num_programs(0)):
         nrn = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         live = nrn < n_neurons
         # The neuron's j-th largest key T, walking its distinct keys from the top: pass r finds the largest key below
         # the previous pass's (v_r) and counts the previous one's copies; T is the first v whose running count
-        # reaches j, and `need` is how many of T's copies the j rule takes. j + 1 passes (5 for the default j = 4)
-        # of a max and a count, against 31 counts for a bitwise search.
+        # reaches j, and `need` is how many of T's copies the j rule takes. j + 1 sweeps (5 for the default j = 4)
+        # of a max and a count, against 31 counts for a bitwise search; at most fan + 1.
         prev = tl.zeros((BLOCK_N,), dtype=tl.int32)
         thr = tl.full((BLOCK_N,), -1, tl.int32)  # stays -1 when the fan has fewer than j entries: all protected
         need = tl.zeros((BLOCK_N,), dtype=tl.int32)
         above = tl.zeros((BLOCK_N,), dtype=tl.int32)  # keys above prev
         found = tl.zeros((BLOCK_N,), dtype=tl.int1)
-        for r in range(j + 1):
+        for r in range(tl.minimum(j, fan) + 1):  # a fan has at most `fan` distinct keys
             v = tl.full((BLOCK_N,), -1, tl.int32)
             copies = tl.zeros((BLOCK_N,), dtype=tl.int32)
             for f0 in range(0, fan, BLOCK_F):
@@ -124,15 +131,12 @@ def _protect_pass(w_ptr, prot_ptr, n_neurons, fan, j, state_ptr, hist_ptr, SHIFT
             prot = inside & ((key > thr[:, None]) | (tied & (rank <= need[:, None])))
             tl.store(prot_ptr + offs, prot, mask=inside)
             # The first radix pass on the same keys, protected ones as +inf (as _keys gives the later passes).
-            key = tl.where(prot, 0x7F800000, key)
-            high = key & HI_MASK
-            match = inside & (high == prefix)
-            hist += tl.histogram(tl.reshape(tl.where(match, (key >> SHIFT) & 255, 256), (BLOCK_N * BLOCK_F,)), 512)
-            if WARM:
-                above_prefix += (inside & (high > prefix)).to(tl.int32)
+            hist, above_prefix = _count_digits(tl.reshape(tl.where(prot, INF_KEY, key), (BLOCK_N * BLOCK_F,)),
+                                               tl.reshape(inside, (BLOCK_N * BLOCK_F,)), prefix, hist, above_prefix,
+                                               SHIFT, HI_MASK, WARM)
     tl.atomic_add(hist_ptr + tl.arange(0, 512), hist)
     if WARM:
-        tl.atomic_add(state_ptr + 3, tl.sum(tl.sum(above_prefix, axis=1), axis=0))
+        tl.atomic_add(state_ptr + 3, tl.sum(above_prefix, axis=0))
 
 
 @triton.jit

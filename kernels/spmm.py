@@ -1,5 +1,5 @@
-"""SpMM for weight-sparse linear layers: Y = X·Aᵀ with A compressed (kernels.compress), and the autograd
-Function that uses it for Y = X·Wᵀ and dX = dY·W while dW = dYᵀ·X stays a dense matmul (exact regrowth).
+"""SpMM for weight-sparse linear layers: Y = X·Aᵀ with A compressed (kernels.compress), and the custom op with
+autograd that uses it for Y = X·Wᵀ and dX = dY·W while dW = dYᵀ·X stays a dense matmul (exact regrowth).
 
 Kernel: a program owns a tile of BT tokens × BR rows of A (rows taken in order of decreasing length) and walks
 the rows' entries in lockstep (sliced-ELL over CSR): step j gathers X[t, col_j(r)] for the whole tile and
@@ -40,7 +40,7 @@ def _spmm_kernel(x_ptr, y_ptr, row_ptr_ptr, cols_ptr, vals_ptr, order_ptr, T, N,
             v = tl.load(vals_ptr + start + j0 + u, mask=active, other=0.0).to(tl.float32)
             x = tl.load(x_ptr + t[:, None] * stride_xt + c[None, :] * stride_xk, mask=t_in[:, None] & active[None, :], other=0.0)
             acc += x.to(tl.float32) * v[None, :]
-    out = y_ptr + t[:, None] * stride_yt + rows[None, :] * stride_yn
+    out = y_ptr + t[:, None] * stride_yt + rows.to(tl.int64)[None, :] * stride_yn  # feature-major Y: rows × T passes 2³¹
     tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=t_in[:, None] & r_in[None, :])
 
 
@@ -50,7 +50,9 @@ def _new_y(x: torch.Tensor, n_out: int, feature_major_out: bool) -> torch.Tensor
     return x.new_empty((x.shape[0], n_out))
 
 
-@torch.library.custom_op("sparse_lm::spmm", mutates_args=())
+# Exact strides: inductor must hand the kernel X in the layout it was traced with (left free, it lays out the fused
+# element-wise op feeding dX token-major, undoing the feature-major MLP interior).
+@torch.library.custom_op("sparse_lm::spmm", mutates_args=(), tags=(torch.Tag.needs_exact_strides,))
 def spmm(x: torch.Tensor, row_ptr: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, order: torch.Tensor, n_out: int,
          feature_major_out: bool = False) -> torch.Tensor:
     """Y [T, n_out] = X [T, K] · Aᵀ for the CSR matrix A [n_out, K] given by (row_ptr, cols, vals, order)."""
@@ -77,34 +79,70 @@ def matmul_t(x: torch.Tensor, a: Compressed, impl: str, feature_major_out: bool 
     return (a.to_torch_sparse() @ x.t()).t()
 
 
-class SparseLinearFunction(torch.autograd.Function):
-    """y = x·Wᵀ + b where the matmuls read compressed copies of W: `fwd` (rows = outputs) and `bwd` (rows = inputs).
+# The layer's matmul as a custom op with its own autograd (not a torch.autograd.Function: under torch.compile those
+# receive contiguous gradients, which would turn a feature-major dY token-major before dX's SpMM).
+@torch.library.custom_op("sparse_lm::sparse_matmul", mutates_args=(), tags=(torch.Tag.needs_exact_strides,))
+def sparse_matmul(x: torch.Tensor, weight: torch.Tensor, row_ptr: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor,
+                  order: torch.Tensor, t_row_ptr: torch.Tensor, t_cols: torch.Tensor, t_vals: torch.Tensor, t_order: torch.Tensor,
+                  feature_major_out: bool) -> torch.Tensor:
+    """x · Wᵀ through the compressed W (row_ptr, ...) with our SpMM; dX through the compressed Wᵀ (t_row_ptr, ...),
+    in x's layout; dW = dyᵀ·x dense. `weight` is an input only so that it receives that gradient."""
+    return spmm(x, row_ptr, cols, vals, order, weight.shape[0], feature_major_out)
 
-    The weight is an input only so that it receives its gradient, which is dense: dW = dyᵀ·x. y is written
-    feature-major on request; dx takes x's layout, so a feature-major stretch of the model stays so backwards.
-    """
+
+@sparse_matmul.register_fake
+def _(x, weight, row_ptr, cols, vals, order, t_row_ptr, t_cols, t_vals, t_order, feature_major_out):
+    return _new_y(x, weight.shape[0], feature_major_out)
+
+
+def _save(ctx, inputs, output):
+    x, weight, *_, t_row_ptr, t_cols, t_vals, t_order, _fm = inputs
+    ctx.save_for_backward(x, t_row_ptr, t_cols, t_vals, t_order)
+    ctx.n_in, ctx.weight_dtype = weight.shape[1], weight.dtype
+
+
+def _backward(ctx, dy):
+    x, t_row_ptr, t_cols, t_vals, t_order = ctx.saved_tensors
+    if not (dy.is_contiguous() or feature_major(dy)):  # the kernel takes any strides, but not broadcast ones
+        dy = dy.contiguous()
+    dx = spmm(dy, t_row_ptr, t_cols, t_vals, t_order, ctx.n_in, feature_major(x)) if ctx.needs_input_grad[0] else None
+    dw = (dy.t() @ x).to(ctx.weight_dtype)  # dense: weights outside the pattern get their gradient (exact regrowth)
+    return dx, dw, *[None] * 9
+
+
+sparse_matmul.register_autograd(_backward, setup_context=_save)
+
+
+class TorchSparseMatmul(torch.autograd.Function):
+    """The same through torch CSR (cuSPARSE on a GPU), for comparison; eager only (its CSR tensors are built once
+    per compressed copy, which a compiled graph cannot hold)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, fwd: Compressed, bwd: Compressed, impl: str, feature_major_out: bool = False):
+    def forward(ctx, x, weight, fwd: Compressed, bwd: Compressed):
         ctx.save_for_backward(x)
-        ctx.bwd, ctx.impl, ctx.has_bias, ctx.weight_dtype = bwd, impl, bias is not None, weight.dtype
-        y = matmul_t(x, fwd, impl, feature_major_out)
-        return y if bias is None else y + bias.to(y.dtype)  # the sum keeps y's layout
+        ctx.bwd, ctx.weight_dtype = bwd, weight.dtype
+        return matmul_t(x, fwd, "torch_sparse")
 
     @staticmethod
     def backward(ctx, dy):
         (x,) = ctx.saved_tensors
-        if not (dy.is_contiguous() or feature_major(dy)):  # the kernel takes any strides, but not broadcast ones
-            dy = dy.contiguous()
-        dx = matmul_t(dy, ctx.bwd, ctx.impl, feature_major(x)) if ctx.needs_input_grad[0] else None
-        dw = (dy.t() @ x).to(ctx.weight_dtype)
-        db = dy.sum(0).to(ctx.weight_dtype) if ctx.has_bias else None
-        return dx, dw, db, None, None, None, None
+        dx = matmul_t(dy.contiguous(), ctx.bwd, "torch_sparse") if ctx.needs_input_grad[0] else None
+        return dx, (dy.t() @ x).to(ctx.weight_dtype), None, None
 
 
 def sparse_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fwd: Compressed, bwd: Compressed, impl: str,
                   feature_major_out: bool = False):
-    """F.linear over compressed copies; x may have any leading dims, and be stored along tokens (a view, no copy)."""
+    """F.linear over compressed copies (`fwd`: rows = outputs, `bwd`: rows = inputs), with impl 'triton' or
+    'torch_sparse'; x may have any leading dims, and be stored along tokens (a view, no copy). y is written
+    feature-major on request (torch_sparse always writes it so); dX takes x's layout, so a feature-major stretch of the
+    model stays so backwards."""
     lead = x.shape[:-1]
-    y = SparseLinearFunction.apply(x.reshape(-1, x.shape[-1]), weight, bias, fwd, bwd, impl, feature_major_out)
+    x2 = x.reshape(-1, x.shape[-1])
+    if impl == "triton":
+        y = sparse_matmul(x2, weight, fwd.row_ptr, fwd.cols, fwd.vals, fwd.order, bwd.row_ptr, bwd.cols, bwd.vals, bwd.order,
+                          feature_major_out)
+    else:
+        y = TorchSparseMatmul.apply(x2, weight, fwd, bwd)
+    if bias is not None:
+        y = y + bias.to(y.dtype)  # keeps y's layout; torch.compile fuses it into the next element-wise op
     return y.view(*lead, y.shape[-1])

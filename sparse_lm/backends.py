@@ -69,6 +69,8 @@ def install(model: nn.Module, sparsifier: Sparsifier, cfg: KernelsConfig, dtype:
 
         select = RadixSelect()  # warm-started per parameter; the same survivors as projection_mask
         sparsifier.mask_fn = lambda sp, k, j: select(sp.name, sp.param, k, j, sp.neuron_axis)
+    if cfg.mlp_feature_major and cfg.backend == Backend.dense:
+        log.warning("kernels.mlp_feature_major=true does nothing with kernels.backend=dense (only a sparse c_fc writes that layout)")
     layers = []
     if cfg.backend != Backend.dense:
         from kernels.linear import SparseLinear

@@ -51,6 +51,30 @@ def test_kernels_on_cuda_agree_with_their_references():
 
     a = torch.randn(8192, 4096, device="cuda")
     assert torch.equal(abstopk(a, 1024), abstopk_reference(a, 1024))
+    fm = a[:, :1024].t().contiguous().t()  # stored along tokens, as the feature-major MLP interior has it
+    assert torch.equal(abstopk(fm, 256), abstopk_reference(fm, 256))
+
+
+def test_selection_replays_from_a_cuda_graph():
+    """Every launch of select_topk is unconditional and reads its state on the device: a captured graph replayed on
+    new weights (written in place) must keep the reference survivors, for both neuron axes and a warm start."""
+    import torch
+
+    from kernels.reference import projection_mask
+    from kernels.select import select_topk
+
+    w = torch.randn(1024, 768, device="cuda")
+    k = w.numel() // 64
+    for axis in (0, 1):
+        _, thr = select_topk(w, k, 4, axis)  # compile every kernel before capture
+        select_topk(w, k, 4, axis, warm=thr)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            mask, _ = select_topk(w, k, 4, axis, warm=thr)
+        for seed in range(3):
+            w.copy_(torch.randn(w.shape, device="cuda", generator=torch.Generator("cuda").manual_seed(seed)))
+            graph.replay()
+            assert torch.equal(mask, projection_mask(w, k, 4, axis)), (axis, seed)
 
 
 def test_a_short_run_with_every_kernel_on_cuda_tracks_the_reference(corpus, tmp_path):

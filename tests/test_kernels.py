@@ -46,7 +46,7 @@ def test_abstopk_kernel_as_launched_on_a_gpu_one_row_per_warp():
     y, keep = torch.empty_like(x), torch.empty(x.shape, dtype=torch.bool, device=DEVICE)
     _abstopk_kernel[(5,)](x, y, keep, 5, 100, 17, 100, 1, ROWS=1, BLOCK_D=128, MAG_BITS=31, num_warps=1)
     assert torch.equal(y, abstopk_reference(x, 17)) and torch.equal(keep, y != 0)
-    # Stored along tokens (the feature-major MLP interior): 16 tokens per program, read and written in place.
+    # Stored along tokens (the feature-major MLP interior): 16 tokens per program, read and written in that layout.
     x = torch.randn(100, 40, device=DEVICE).t()
     y, keep = torch.empty_like(x), torch.empty_like(x, dtype=torch.bool)
     _abstopk_kernel[(3,)](x, y, keep, 40, 100, 17, 1, 40, ROWS=16, BLOCK_D=128, MAG_BITS=31, num_warps=4)
@@ -265,7 +265,35 @@ def test_custom_ops_pass_opcheck():
     # Stored along tokens, in and out: the fake implementations must give the real strides.
     fm = torch.randn(20, 6, device=DEVICE).t()
     torch.library.opcheck(torch.ops.sparse_lm.abstopk.default, (fm.requires_grad_(True), 5))
+    torch.library.opcheck(torch.ops.sparse_lm.abstopk.default, (fm, 6))  # k ≥ d keeps the layout too
+    assert abstopk(fm, 6).stride() == fm.stride()
     torch.library.opcheck(torch.ops.sparse_lm.spmm.default, (fm.detach(), c.row_ptr, c.cols, c.vals, c.order, 12, True))
+    ct = compress(w.t(), int((w != 0).sum()))
+    for inp, out_fm in ((x.detach(), False), (fm.detach(), True)):  # the layer's op, its autograd included
+        torch.library.opcheck(torch.ops.sparse_lm.sparse_matmul.default,
+                              (inp.clone().requires_grad_(True), w.clone().requires_grad_(True), c.row_ptr, c.cols, c.vals, c.order,
+                               ct.row_ptr, ct.cols, ct.vals, ct.order, out_fm))
+
+
+def test_a_compiled_backward_keeps_the_feature_major_gradient(monkeypatch):
+    """Under torch.compile an autograd.Function gets contiguous gradients; the layer's custom op must not, or c_fc's
+    dX would gather a token-major dY after a copy. The SpMM calls of a compiled MLP step, in order, read: x, the
+    hidden activations (feature-major), dY of c_proj, and dY of c_fc, which must still be feature-major."""
+    import kernels.spmm as mod
+
+    seen = []
+    monkeypatch.setattr(mod, "require_launchable", lambda t, what: seen.append(t.stride()))
+    w1, w2 = sparse_matrix(48, 20, 0.2, seed=4).requires_grad_(True), sparse_matrix(20, 48, 0.2, seed=5).requires_grad_(True)
+    c1 = [compress(a, int((a != 0).sum())) for a in (w1.detach(), w1.detach().t())]
+    c2 = [compress(a, int((a != 0).sum())) for a in (w2.detach(), w2.detach().t())]
+
+    def mlp(x):
+        h = abstopk(F.gelu(sparse_linear(x, w1, None, *c1, "triton", True)), 12)
+        return sparse_linear(h, w2, None, *c2, "triton")
+
+    x = torch.randn(3, 7, 20, device=DEVICE, requires_grad=True)
+    torch.compile(mlp, backend="aot_eager", fullgraph=True)(x).sum().backward()
+    assert seen == [(20, 1), (1, 21), (20, 1), (1, 21)], seen
 
 
 def test_torch_compile_traces_the_kernels_without_graph_breaks():

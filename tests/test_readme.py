@@ -1,6 +1,7 @@
-"""Every command the README shows works as printed: each line of its ```bash blocks is either run here, in README
-order, in a fresh directory (with small overrides appended where the full command takes minutes), or listed with
-the reason it cannot run on a CPU test machine. A new README command without an entry below fails the first test."""
+"""Every command the README shows works as printed: each line of its ```bash blocks is either run here, in a fresh
+directory (with small overrides appended where the full command takes minutes), or listed with the reason it cannot
+run on a CPU test machine. A new README command without an entry below fails the first test. The first command runs
+first; then each tool's commands run in README order, two tools at a time."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import shlex
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
 import pytest
 
@@ -111,7 +112,10 @@ def argv(tokens: list[str]) -> list[str]:
 
 
 def chain(args: list[str]) -> str:
-    """Commands of one tool (train.py and torchrun count as one) run in README order; different tools may overlap."""
+    """Commands of one tool (train.py and torchrun count as one) run in README order; different tools may overlap.
+
+    So a command may depend on the first command's run and on earlier commands of its own tool, never on another
+    tool's: each tool writes its own paths, and what the others read of the first run is only read."""
     return "train" if "train.py" in args else args[args.index("-m") + 1]
 
 
@@ -143,8 +147,14 @@ def test_readme_commands_run_as_printed(tmp_path, cache_dir):
     for command, args in todo[1:]:
         chains.setdefault(chain(args), []).append((command, args))
     with ThreadPoolExecutor(2) as pool:
-        for done in [pool.submit(lambda c: [(command, run(command, args)) for command, args in c], c) for c in chains.values()]:
-            ran += done.result()
+        futures = [pool.submit(lambda c: [(command, run(command, args)) for command, args in c], c) for c in chains.values()]
+        wait(futures, return_when=FIRST_EXCEPTION)
+        for f in futures:
+            if f.done() and f.exception() is not None:
+                pool.shutdown(cancel_futures=True)  # the chains not started yet; the running one finishes its command
+                raise f.exception()
+        for f in futures:
+            ran += f.result()
     out = {c: p.stdout for c, p in ran}
     runs = tmp_path / "runs"
     assert (runs / "tiny" / "checkpoints" / "step-000004").is_dir() and (runs / "tiny-branch" / "checkpoints" / "step-000004").is_dir()

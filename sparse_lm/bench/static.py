@@ -116,7 +116,7 @@ def abstopk_cases() -> list[Case]:
     # (d, tokens per program, warps, stored along tokens): (1024, 1, 1) is the launch since issue 14; the feature-major
     # rows are the MLP interior's launch with kernels.mlp_feature_major (d_mlp 4096 at the reference shapes).
     for d, rows, warps, fm in ((1024, 2, 4, False), (1024, 1, 1, False), (8192, 1, 8, False), (8192, 1, 16, False),
-                               (1024, 16, 4, True), (4096, 4, 8, True)):
+                               (1024, 16, 4, True), (4096, 4, 8, True), (8192, 2, 8, True)):
         for dtype, bits in ((torch.bfloat16, 15), (torch.float32, 31)):
             x = torch.empty(d, TOKENS, dtype=dtype).t() if fm else torch.empty(TOKENS, d, dtype=dtype)
             el = x.element_size()
@@ -162,6 +162,9 @@ def select_cases() -> list[Case]:
     grid, chunks = min(tiles, MAX_PROGRAMS), side / block_f
 
     def count(sizes):  # loops in order: the sweep's chunk loop, the j loop, the last pass, the tile loop
+        if len(sizes) != 4:
+            raise RuntimeError(f"_protect_pass compiled to {len(sizes)} loops, not the 4 this count assumes (sweep, j, "
+                               "last pass, tiles): update select_cases for this Triton version")
         sweep, j_loop, last, tile = sizes
         return tiles / grid * ((j + 1) * (sweep * chunks + (j_loop - sweep)) + last * chunks + (tile - j_loop - last))
 
