@@ -61,7 +61,7 @@ def _launch(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         # per row otherwise) at the same instruction count; wider rows need more warps for registers.
         rows, warps = (1, 1) if block_d <= 1024 else (1, 4 if block_d <= 2048 else 8)
     if not x.is_cuda:  # the interpreter pays per program, not per warp: pack rows (same kernel, other constants)
-        rows = max(1, min(16, 2048 // block_d))
+        rows = max(1, min(256, 16384 // block_d))
     mag_bits = 31 if x.dtype == torch.float32 else 15
     grid = (triton.cdiv(x2.shape[0], rows),)
     _abstopk_kernel[grid](x2, y, keep, x2.shape[0], d, k, x2.stride(0), x2.stride(1), ROWS=rows, BLOCK_D=block_d,

@@ -32,8 +32,6 @@ from kernels.runtime import require_launchable
 
 INF_KEY: tl.constexpr = tl.constexpr(0x7F800000)  # bit pattern of +inf: above every finite magnitude
 PASSES = (24, 16, 8, 0)  # digit positions, 8 bits each
-BLOCK = 1024
-MAX_PROGRAMS = 1024
 
 
 def _hi_mask(shift: int) -> int:
@@ -188,11 +186,13 @@ def _select_ties(w_ptr, prot_ptr, n, state_ptr, keep_ptr, ties_ptr, before_ptr, 
         tl.store(keep_ptr + offs, tied, mask=tied & (rank <= tl.load(state_ptr + 1)))
 
 
-def _protect_tiles(cuda: bool) -> tuple[int, int, int]:
-    """(BLOCK_N rows, BLOCK_F entries, num_warps) for the protection pass."""
-    if not cuda:  # the interpreter pays per program and per loop trip: big tiles
-        return 16, 64, 4
-    return 4, 256, 4  # the fewest instructions per entry of the tiles compared (docs/benchmarks.md)
+def launch_sizes(cuda: bool) -> dict:
+    """Launch constants: block of the flat passes, most programs per pass, the protection pass's (BLOCK_N rows,
+    BLOCK_F entries, warps). The interpreter pays per program and per operation, not per element: one program over
+    big blocks there (tests/test_kernels.py runs the GPU's constants on a CPU as well)."""
+    if cuda:  # the protection tile: the fewest instructions per entry of those compared (docs/benchmarks.md)
+        return {"block": 1024, "programs": 1024, "protect": (4, 256, 4)}
+    return {"block": 16384, "programs": 1, "protect": (256, 64, 4)}
 
 
 def select_topk(w: torch.Tensor, k: int, j: int = 0, neuron_axis: int | None = None, warm: torch.Tensor | None = None):
@@ -215,7 +215,9 @@ def select_topk(w: torch.Tensor, k: int, j: int = 0, neuron_axis: int | None = N
     state = torch.zeros(4, dtype=torch.int32, device=w.device)  # prefix, k still to place, bits fixed, warm count
     state[1] = k
     hist = torch.zeros(512, dtype=torch.int32, device=w.device)
-    grid = (min(triton.cdiv(n, BLOCK), MAX_PROGRAMS),)
+    sizes = launch_sizes(w.is_cuda)
+    block, max_programs = sizes["block"], sizes["programs"]
+    grid = (min(triton.cdiv(n, block), max_programs),)
     passes = [(shift, 24 - shift, False) for shift in PASSES]  # (digit position, bits fixed before it, warm)
     if warm is not None:
         state[0:1] = warm & _hi_mask(8)
@@ -228,23 +230,23 @@ def select_topk(w: torch.Tensor, k: int, j: int = 0, neuron_axis: int | None = N
         rows_first = flat.view(w.shape) if neuron_axis == 0 else flat.view(w.shape).t().contiguous()
         neurons, fan = rows_first.shape
         prot_rows = torch.empty(neurons, fan, dtype=torch.bool, device=w.device)
-        block_n, block_f, warps = _protect_tiles(w.is_cuda)
+        block_n, block_f, warps = sizes["protect"]
         shift, _, is_warm = passes[0]
-        _protect_pass[(min(triton.cdiv(neurons, block_n), MAX_PROGRAMS),)](
+        _protect_pass[(min(triton.cdiv(neurons, block_n), max_programs),)](
             rows_first, prot_rows, neurons, fan, j, state, hist, SHIFT=shift, HI_MASK=_hi_mask(shift),
             WARM=is_warm, BLOCK_N=block_n, BLOCK_F=min(block_f, triton.next_power_of_2(fan)), num_warps=warps)
         prot = (prot_rows if neuron_axis == 0 else prot_rows.t().contiguous()).view(-1)
     for i, (shift, level, is_warm) in enumerate(passes):
         if not (has_prot and i == 0):
             _radix_pass[grid](flat, prot, n, state, hist, SHIFT=shift, HI_MASK=_hi_mask(shift), LEVEL=level, WARM=is_warm,
-                              HAS_PROT=has_prot, BLOCK=BLOCK)
+                              HAS_PROT=has_prot, BLOCK=block)
         _radix_scan[(1,)](state, hist, k, SHIFT=shift, LEVEL=level, WARM=is_warm)
-    blocks = triton.cdiv(n, BLOCK)
+    blocks = triton.cdiv(n, block)
     keep = torch.empty(n, dtype=torch.bool, device=w.device)  # written as bool: no copy to convert it
     ties = torch.empty(blocks, dtype=torch.int32, device=w.device)
-    _select_strict[(blocks,)](flat, prot, n, state, keep, ties, HAS_PROT=has_prot, BLOCK=BLOCK)
+    _select_strict[(blocks,)](flat, prot, n, state, keep, ties, HAS_PROT=has_prot, BLOCK=block)
     before = torch.cumsum(ties, 0, dtype=torch.int32) - ties
-    _select_ties[(blocks,)](flat, prot, n, state, keep, ties, before, HAS_PROT=has_prot, BLOCK=BLOCK)
+    _select_ties[(blocks,)](flat, prot, n, state, keep, ties, before, HAS_PROT=has_prot, BLOCK=block)
     return keep.view(w.shape), state[0:1].clone()
 
 

@@ -85,7 +85,7 @@ def test_triton_settings_on_a_cpu_without_the_interpreter_fail_before_any_work(c
 def test_training_with_every_kernel_matches_the_reference_run(corpus, tmp_path):
     """Two steps (the second at the final density, through the SpMM, fused AbsTopK and radix select, with the MLP's
     hidden activations stored along tokens)."""
-    common = ["train.max_steps=2", "train.batch_size=4", "train.eval_sequences=4", "train.ckpt_interval=2"]
+    common = ["train.max_steps=2", "train.batch_size=4", "train.eval_sequences=4", "train.ckpt_interval=2", "model.ctx_len=32"]
     run_train(tmp_path / "reference", corpus, *common)
     run_train(tmp_path / "triton", corpus, *common, "kernels.backend=triton", "kernels.abstopk=triton", "kernels.select=triton",
               "kernels.mlp_feature_major=true")

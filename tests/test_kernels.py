@@ -228,6 +228,23 @@ def test_fused_j_rule_walks_fans_longer_than_a_tile(axis):
     assert torch.equal(select_topk(w, small_k, 6, axis)[0], protected_mask(w, 6, axis))
 
 
+@pytest.mark.parametrize("axis", [None, 0, 1])
+def test_radix_select_with_the_gpu_launch_constants(monkeypatch, axis):
+    """On a CPU the passes run as one program over big blocks; a GPU-like launch (many programs, each walking several
+    blocks; tie ranks carried across blocks; many protection tiles and fan chunks, several per program) must give the
+    same survivors. Small blocks and at most 3 programs, so that each walks several blocks and tiles."""
+    import kernels.select as mod
+
+    monkeypatch.setattr(mod, "launch_sizes", lambda cuda: {"block": 256, "programs": 3, "protect": (8, 16, 4)})
+    g = torch.Generator().manual_seed(11)
+    w = (torch.randint(-2, 3, (40, 30), generator=g).float() * 0.5).to(DEVICE)  # 1,200 entries: 5 blocks, ties everywhere
+    j = 0 if axis is None else 3
+    for k in (w.numel() // 5, w.numel() // 2):
+        got, thr = select_topk(w, k, j, axis)
+        assert torch.equal(got, projection_mask(w, k, j, axis))
+        assert torch.equal(select_topk(w, k, j, axis, warm=thr)[0], projection_mask(w, k, j, axis))
+
+
 def test_radix_select_edges():
     w = torch.randn(9, 11, device=DEVICE)
     assert not select_topk(w, 0)[0].any() and select_topk(w, w.numel())[0].all()

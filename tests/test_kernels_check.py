@@ -30,8 +30,8 @@ def test_reduced_mode_checks_times_and_prints_a_verdict_per_target(tmp_path):
     verdict = [line for line in proc.stdout.splitlines() if line.startswith(("MET ", "NOT MET "))]
     assert len(verdict) == len(report["targets"]) == 10
     assert verdict[0].startswith("MET ") and "every correctness check passes" in verdict[0]
-    # The step ran all four settings through the bench; on a CPU in fp32 the kernels reproduce the reference losses,
-    # token-major and with the MLP interior stored along tokens.
+    # The step ran its three CPU settings through the bench (no fp32 yardstick: a CPU is in fp32 already); the kernels
+    # reproduce the reference losses, token-major and with the MLP interior stored along tokens.
     step = report["step"]
-    assert len(step["tokens_per_sec"]) == 4 and step["max_loss_diff"] < 1e-3 and step["max_loss_diff_feature_major"] < 1e-3
+    assert len(step["tokens_per_sec"]) == 3 and step["max_loss_diff"] < 1e-3 and step["max_loss_diff_feature_major"] < 1e-3
     assert all(r["ms"]["triton"] > 0 and r["ms"]["dense"] > 0 for r in report["spmm"])

@@ -148,7 +148,10 @@ def compress_cases() -> list[Case]:
 
 
 def select_cases() -> list[Case]:
-    from kernels.select import BLOCK, MAX_PROGRAMS, _hi_mask, _protect_pass, _protect_tiles, _radix_pass, _select_strict
+    from kernels.select import _hi_mask, _protect_pass, _radix_pass, _select_strict, launch_sizes
+
+    sizes = launch_sizes(cuda=True)
+    BLOCK, MAX_PROGRAMS = sizes["block"], sizes["programs"]
 
     side = 4096
     n = side * side
@@ -157,7 +160,7 @@ def select_cases() -> list[Case]:
     programs = min(triton.cdiv(n, BLOCK), MAX_PROGRAMS)
     cases = []
     j = 4  # the default j rule: j + 1 sweeps of each neuron's fan, then the pass that writes the mask
-    block_n, block_f, warps = _protect_tiles(cuda=True)
+    block_n, block_f, warps = sizes["protect"]
     tiles = triton.cdiv(side, block_n)
     grid, chunks = min(tiles, MAX_PROGRAMS), side / block_f
 
