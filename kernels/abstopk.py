@@ -54,14 +54,14 @@ def _launch(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(f"fused AbsTopK handles rows of up to 8192 entries, got {d}")
     x2, y, keep = _outputs(x)
     block_d = triton.next_power_of_2(d)
-    if feature_major(x2) and x.is_cuda:  # tokens side by side: 16 of them make a full 32-byte segment (bf16)
+    if not x.is_cuda:  # the interpreter pays per program, not per warp: pack rows (same kernel, other constants)
+        rows, warps = max(1, min(256, 16384 // block_d)), 4
+    elif feature_major(x2):  # tokens side by side: 16 of them make a full 32-byte segment (bf16)
         rows, warps = max(1, min(16, 16384 // block_d)), 4 if block_d <= 1024 else 8
     else:
         # Up to 1024 entries, one warp per row: every count is a warp shuffle reduction, with no block barrier (35–73
         # per row otherwise) at the same instruction count; wider rows need more warps for registers.
         rows, warps = (1, 1) if block_d <= 1024 else (1, 4 if block_d <= 2048 else 8)
-    if not x.is_cuda:  # the interpreter pays per program, not per warp: pack rows (same kernel, other constants)
-        rows = max(1, min(256, 16384 // block_d))
     mag_bits = 31 if x.dtype == torch.float32 else 15
     grid = (triton.cdiv(x2.shape[0], rows),)
     _abstopk_kernel[grid](x2, y, keep, x2.shape[0], d, k, x2.stride(0), x2.stride(1), ROWS=rows, BLOCK_D=block_d,

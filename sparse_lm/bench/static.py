@@ -164,11 +164,11 @@ def select_cases() -> list[Case]:
     tiles = triton.cdiv(side, block_n)
     grid, chunks = min(tiles, MAX_PROGRAMS), side / block_f
 
-    def count(sizes):  # loops in order: the sweep's chunk loop, the j loop, the last pass, the tile loop
-        if len(sizes) != 4:
-            raise RuntimeError(f"_protect_pass compiled to {len(sizes)} loops, not the 4 this count assumes (sweep, j, "
+    def count(loop_sizes):  # loops in order: the sweep's chunk loop, the j loop, the last pass, the tile loop
+        if len(loop_sizes) != 4:
+            raise RuntimeError(f"_protect_pass compiled to {len(loop_sizes)} loops, not the 4 this count assumes (sweep, j, "
                                "last pass, tiles): update select_cases for this Triton version")
-        sweep, j_loop, last, tile = sizes
+        sweep, j_loop, last, tile = loop_sizes
         return tiles / grid * ((j + 1) * (sweep * chunks + (j_loop - sweep)) + last * chunks + (tile - j_loop - last))
 
     # DRAM: w read once (the later sweeps hit L1), the mask written; L1 sectors: j + 2 sweeps and the mask. Columns as

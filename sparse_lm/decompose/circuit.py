@@ -52,7 +52,7 @@ def read_circuit(path: str | Path, ckpt: Path) -> tuple[dict, dict]:
     settings = json.loads((path.parent / "run.json").read_text())["config"]
     try:
         pruned = checkpoint.resolve(settings["checkpoint"]).resolve()  # a run directory, or one of its checkpoints
-    except Exception:  # moved or deleted since: compare the names as they are
+    except UserError:  # moved or deleted since: compare the names as they are
         pruned = Path(settings["checkpoint"])
     if pruned != ckpt.resolve():
         raise UserError(f"circuit: {path} was pruned on {settings['checkpoint']}, not on the decomposed {ckpt}")
